@@ -90,7 +90,9 @@ def _field_comments(cls: type) -> dict[str, str]:
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint, doc: str) -> None:
     flag = "--" + field.name.replace("_", "-")
     default = field.default
-    text = f"{doc} (default: {default!r})" if doc else f"(default: {default!r})"
+    shown = default if isinstance(default, str) and default else repr(default)
+    # an empty-string default means "derived at run time": the field's comment says from what
+    text = doc if default == "" else f"{doc} (default: {shown})".strip()
     origin, type_args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):  # X | None
         hint = next(a for a in type_args if a is not type(None))
@@ -1299,7 +1301,7 @@ class Run:
         record = {"split": split, "step": step, "time": round(time.time() - self._t0, 2), **metrics}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        values = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        values = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         prefix = f"step {step}" if split == "train" else f"eval {split}"
         self.print(f"{prefix} {values}" + (f" ({note})" if note else ""))
 
@@ -1314,6 +1316,13 @@ class Run:
 
     def path(self, name: str) -> Path:
         return self.dir / name
+
+
+def _fmt(value) -> str:
+    """Four decimals for losses and rates, none for large counts like images/s."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4f}"
 
 
 def cli(train, args_cls: type, presets: dict[str, dict] | None = None, argv: list[str] | None = None) -> None:
