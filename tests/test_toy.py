@@ -108,7 +108,7 @@ def test_pinwheel_jacobian_determinant_matches_autograd():
         f = torch.randn(2, generator=g, dtype=torch.float64) + torch.tensor([1.0, 0.0])
         k = torch.randint(0, 5, (1,), generator=g).double()
         jac = torch.autograd.functional.jacobian(lambda v: _ffjord_pinwheel_map(v[None], k)[0], f)
-        det_formula = 1 + 0.25 * math.exp(f[0]) * f[1]
+        det_formula = 1 + 0.25 * math.exp(f[0].item()) * f[1].item()
         assert torch.linalg.det(jac).item() == pytest.approx(det_formula, rel=1e-12, abs=1e-12)
 
 
