@@ -1137,8 +1137,11 @@ class Run:
     NaN check before every checkpoint, a progress bar and plain log lines.
     """
 
-    def __init__(self, args, model_name: str, dist: Dist, model: nn.Module, optimizer=None, ema=None):
+    def __init__(self, args, model_name: str, dist: Dist, model: nn.Module, optimizer=None, ema=None,
+                 resumable: tuple[str, ...] = ()):
+        """`resumable` names a model file's own fields that may change on --resume (evaluation, sampling)."""
         self.args, self.model_name, self.dist = args, model_name, dist
+        self.resumable = RESUMABLE_FIELDS | set(resumable)
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.config = dataclasses.asdict(args)
         self.dir = Path(args.out or f"runs/{model_name}-{args.dataset}")
@@ -1206,7 +1209,7 @@ class Run:
                            f"not {self.model_name}.py")
         saved = ckpt.get("config", {})
         changed = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now" for k, v in self.config.items()
-                   if k not in RESUMABLE_FIELDS and saved.get(k) != v]
+                   if k not in self.resumable and saved.get(k) != v]
         if changed:
             raise RunError(f"checkpoint {self.checkpoint_path} is incompatible with this run: "
                            f"{'; '.join(changed)} (rerun with the flags in {self.dir / 'config.json'})")
