@@ -32,7 +32,7 @@ TPU v3-8). On 8gaussians the 5th command's bound is 2.863 nats against H(data) =
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
