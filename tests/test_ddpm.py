@@ -4,10 +4,6 @@ predictor, the Fréchet distance against closed forms; the U-Net's size; end-to-
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +11,10 @@ from torch import nn
 
 import common
 import ddpm
+from helpers import needs_mnist, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True)
-def double_precision():
-    """Closed-form comparisons need double precision; one thread, as these small tensors gain nothing from more
-    and lose a lot when the CPUs are shared. Both restored after each test."""
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 class Oracle(nn.Module):
@@ -304,20 +290,8 @@ def test_ema_follows_the_weights_with_warm_up():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def data_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
-
-
-needs_mnist = pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
-
-
 def run_ddpm(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "ddpm.py"), "--data-dir", data_dir() or "data", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is faster when CPUs are shared
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return run_script("ddpm.py", *flags, timeout=timeout)
 
 
 def test_help_lists_options_with_defaults():

@@ -23,15 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small solves: one thread is faster, and fair on a shared machine
 
 
-@pytest.fixture(autouse=True)
-def double_precision_one_thread():
-    """Solver-tolerance comparisons need double precision; restored after each test, with the thread count."""
-    old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old_dtype)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 class LinearField(nn.Module):

@@ -3,33 +3,17 @@ resume, every flow of every task for a few steps, and one-line errors."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import data_dir, needs_mnist, run_script
 
 import common
 import flows
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def data_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
-
-
-needs_mnist = pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
-
 
 def run_flows(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "flows.py"), "--data-dir", data_dir() or "data", *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_script("flows.py", *flags, timeout=timeout, one_thread=False)
 
 
 def test_help_lists_every_option_with_its_default():

@@ -2,10 +2,6 @@
 per-sample autograd, DReG against the standard estimator, the paper's schedule, and end-to-end runs."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,20 +9,10 @@ from torch import nn
 
 import common
 import iwae
+from helpers import data_dir, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True)
-def double_precision_one_thread():
-    """Closed-form comparisons need double precision; tiny tensors run far faster on one thread (a thread pool
-    on a busy machine costs more than the arithmetic). Both restored after each test."""
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 class LinearGaussian:
@@ -199,17 +185,8 @@ def test_the_papers_architectures_have_the_right_sizes():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def data_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
-
-
 def run_iwae(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "iwae.py"), "--data-dir", data_dir() or "data", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small matrices: one thread is faster on a shared machine
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return run_script("iwae.py", *flags, timeout=timeout)
 
 
 def test_help_lists_options_with_defaults():

@@ -6,10 +6,6 @@ against the model's joint distribution (chi-square), and end-to-end runs."""
 import dataclasses
 import itertools
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,20 +14,12 @@ from torch.autograd.functional import jacobian
 
 import common
 import pixelcnn
+from helpers import data_dir, needs_mnist, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("pixelcnn", "rowlstm", "diagbilstm")
 
 
-@pytest.fixture(autouse=True)
-def double_precision_one_thread():
-    """Exact comparisons in float64; one thread, since these tiny networks only lose by threading."""
-    old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old_dtype)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def make(arch: str, colors: int = 1, levels: int = 2, layers: int = 2, hidden: int = 6, out_hidden: int = 12,
@@ -261,20 +249,8 @@ def test_parameter_counts_and_output_shape():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def data_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
-
-
-needs_mnist = pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
-
-
 def run_pixelcnn(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "pixelcnn.py"), "--data-dir", data_dir() or "data", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small sequential networks: threads only add overhead
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return run_script("pixelcnn.py", *flags, timeout=timeout)
 
 
 def test_help_lists_the_options_with_defaults(capsys):

@@ -3,31 +3,18 @@ against finite differences, the autoregressive decoder's masks and normalization
 log p(x) against numerical integration, and end-to-end runs of the three modes."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import data_dir, needs_mnist, run_script
 
 import common
 import savae
 
-ROOT = Path(__file__).resolve().parent.parent
 SVI = dict(svi_lr=1.0, momentum=0.5, max_norm=5.0)  # the paper's SVI settings, as forward() takes them
 
 
-@pytest.fixture(autouse=True)
-def double_precision_one_thread():
-    """Finite differences and exact sums need double precision; tiny tensors run far faster on one thread.
-    Both restored after each test."""
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def tiny(decoder: str = "made", latent: int = 3, seed: int = 0) -> savae.SAVAE:
@@ -202,20 +189,8 @@ def test_evaluate_reports_the_refined_and_the_starting_elbo():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def data_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
-
-
-needs_mnist = pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
-
-
 def run_savae(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "savae.py"), "--data-dir", data_dir() or "data", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small matrices: one thread is faster on a shared machine
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return run_script("savae.py", *flags, timeout=timeout)
 
 
 def test_help_lists_options_with_defaults():

@@ -6,30 +6,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, data_dir, needs_mnist, run_script
 
 import common
 import vae
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def data_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
-
-
-needs_mnist = pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
-
 
 def run_vae(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "vae.py"), "--data-dir", data_dir() or "data", *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_script("vae.py", *flags, timeout=timeout, one_thread=False)
 
 
 @needs_mnist
