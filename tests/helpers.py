@@ -20,9 +20,9 @@ def data_dir() -> str | None:
 needs_mnist = pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
 
 
-def run_script(script: str, *flags: str, timeout: float = 300, one_thread: bool = True, data: bool = True):
+def run_script(script: str, *flags: str, timeout: float = 300, one_thread: bool = True):
     """Run `python script flags...` from the repository root. One thread by default: the small test models
     gain nothing from a thread pool and lose a lot to one when the CPUs are shared."""
-    command = [sys.executable, str(ROOT / script), *(("--data-dir", data_dir() or "data") if data else ()), *flags]
+    command = [sys.executable, str(ROOT / script), "--data-dir", data_dir() or "data", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

@@ -6,10 +6,6 @@ gradients, a trained 2D density integrating to 1, and end-to-end runs."""
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +14,7 @@ from torch import nn
 
 import common
 import ffjord
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small solves: one thread is faster, and fair on a shared machine
+from helpers import needs_mnist, run_script
 
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
@@ -229,15 +223,7 @@ def test_parameter_counts_and_multiscale_shapes():
 
 # ---------------------------------------------------------------------------------------- end to end
 def run_ffjord(*flags, timeout=300):
-    command = [sys.executable, str(ROOT / "ffjord.py"), *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
-
-
-def mnist_dir() -> str | None:
-    for candidate in (os.environ.get("DATA_DIR"), str(ROOT / "data")):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
-            return candidate
-    return None
+    return run_script("ffjord.py", *flags, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -345,10 +331,10 @@ def test_options_run_end_to_end(tmp_path, flags):
         assert records[0]["nfe_forward"] == 2 * 2 * 4  # two CNFs, two rk4 steps of 4 evaluations
 
 
-@pytest.mark.skipif(mnist_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
+@needs_mnist
 def test_multiscale_mnist_runs_end_to_end_in_bits_per_dim(tmp_path):
     out = tmp_path / "run"
-    result = run_ffjord("--dataset", "mnist", "--data-dir", mnist_dir(), "--hidden", "8", "--steps", "2",
+    result = run_ffjord("--dataset", "mnist", "--hidden", "8", "--steps", "2",
                         "--batch-size", "8", "--eval-n", "8", "--rtol", "1e-2", "--atol", "1e-2", "--log-every",
                         "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
