@@ -1,0 +1,483 @@
+"""One likelihood table per data convention, across every model file, measured by the commands next to the figures.
+
+Every model file reports its test likelihood the same way (README.md, "Data conventions"): nats per image for
+binarized MNIST, bits per dimension for 8-bit MNIST, and for the 2D toys nats per point with
+KL(data || model) = NLL - H(data). This script holds the rows of README.md's tables (`ROWS`: file, flags,
+estimator, budget, the paper's figure), runs them, records what each run printed, and renders the tables.
+
+    python -m results.table list                          # every row and its command
+    python -m results.table run vae-bmnist --seeds 0 1    # run rows (one thread per process), record the figures
+    python -m results.table run --table toys --jobs 2     # a whole table, two runs at a time
+    python -m results.table record vae-bmnist --seed 0 --run-dir runs/x   # a finished run of exactly that command
+    python -m results.table render                        # rewrite README.md's tables from results/measured.jsonl
+    python -m results.table render --check                # fail if a row lacks a figure or its code changed since
+    python -m results.table figure                        # results/samples.png: every row's samples in one figure
+
+A run of row R with seed S is `python FILE FLAGS --seed S --out runs/results/R-sS`. Its figure is the headline
+key of the last "test" line of its metrics.jsonl; it is appended to results/measured.jsonl with the wall time,
+the largest load average seen during the run (a shared CPU slows a run down), the host and the SHA-256 of the
+model file and common.py, so `render --check` can tell which rows need re-running after a code change.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASURED = ROOT / "results" / "measured.jsonl"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# config fields that do not change what a run computes
+NOT_COMPARED = {"out", "resume", "overwrite", "data_dir", "device", "log_every", "ckpt_every"}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str  # short name: `python -m results.table run ID`
+    table: str  # "binarized_mnist", "mnist" or "toys"
+    model: str  # what the reader sees in the first column
+    file: str  # the model file
+    flags: str  # its command-line flags, without --seed and --out
+    estimator: str  # how the figure is computed (exact, ELBO, IWAE k, ODE with Hutchinson, bound ...)
+    budget: str  # training budget in words
+    paper: str = "–"  # the paper's figure in the same convention, with where it is from
+    seeds: tuple[int, ...] = (0, 1)  # seeds to run (at least two where the budget allows)
+    data: str = ""  # toys: the data set (also in the flags)
+
+    @property
+    def key(self) -> str:
+        return {"binarized_mnist": "nll_nats", "mnist": "nll_bpd", "toys": "kl_data_model"}[self.table]
+
+    def command(self, seed: int | str = "S") -> str:
+        return f"python {self.file} {self.flags} --seed {seed}".replace("  ", " ")
+
+    def argv(self, seed: int) -> list[str]:
+        return [*shlex.split(self.flags), "--seed", str(seed), "--out", str(self.run_dir(seed)), "--overwrite"]
+
+    def run_dir(self, seed: int) -> Path:
+        return Path("runs") / "results" / f"{self.id}-s{seed}"
+
+
+TABLES = {
+    "binarized_mnist": "Binarized MNIST (dynamically binarized, README's `binarized_mnist`): test NLL, nats per image",
+    "mnist": "8-bit MNIST: test NLL, bits per dimension (densities on dequantized data: an upper bound on the "
+             "discrete NLL, README's units)",
+    "toys": "2D toys: test KL(data || model) = NLL - H(data), nats per point (NLL in brackets)",
+}
+UNITS = {"binarized_mnist": ("nats", 2), "mnist": ("bpd", 3), "toys": ("nats", 3)}
+
+ROWS: tuple[Row, ...] = (
+    # -- binarized MNIST, nats ---------------------------------------------------------------------------
+    Row("vae-bmnist", "binarized_mnist", "VAE, MLP 784-400-20", "vae.py", "--dataset binarized_mnist",
+        "IWAE k = 1000, all 10,000 test images", "10 epochs"),
+    Row("iwae-bmnist", "binarized_mnist", "IWAE k = 5, 1 stochastic layer", "iwae.py",
+        "--k 5 --epochs 3 --eval-k 1000 --eval-n 2000 --eval-every 1000000000",
+        "IWAE k = 1000, first 2000 test images", "3 epochs",
+        "85.54 (Burda et al. 2016, Table 1, k = 5, 3280 epochs)"),
+    Row("savae-bmnist", "binarized_mnist", "SA-VAE, K = 20 SVI steps, MADE decoder", "savae.py",
+        "--epochs 1 --eval-k 100 --eval-n 1000", "IWAE k = 100 under the refined posterior, first 1000 test images",
+        "1 epoch", seeds=(0,)),
+    Row("vae-planar-bmnist", "binarized_mnist", "VAE with a planar-flow posterior, K = 8", "flows.py",
+        "--task vae --flow planar --steps 2340 --eval-n 2000", "IWAE k = 1000, first 2000 test images",
+        "5 epochs (2340 steps of 128)", seeds=(0,)),
+    Row("pixelcnn-bmnist", "binarized_mnist", "PixelCNN", "pixelcnn.py",
+        "--arch pixelcnn --steps 500 --eval-n 1000", "exact, first 1000 test images", "500 steps of 32",
+        "81.30 (static binarization; van den Oord et al. 2016, Table 4)", seeds=(0,)),
+    Row("rowlstm-bmnist", "binarized_mnist", "Row LSTM", "pixelcnn.py",
+        "--arch rowlstm --steps 100 --eval-n 500", "exact, first 500 test images", "100 steps of 32",
+        "80.54 (static binarization; Table 4)", seeds=(0,)),
+    Row("diagbilstm-bmnist", "binarized_mnist", "Diagonal BiLSTM", "pixelcnn.py",
+        "--arch diagbilstm --steps 30 --eval-n 200", "exact, first 200 test images", "30 steps of 32",
+        "79.20 (static binarization; Table 4, 7 layers, h = 16)", seeds=(0,)),
+    # -- 8-bit MNIST, bits/dim ---------------------------------------------------------------------------
+    Row("vae-mnist", "mnist", "VAE, discretized logistic decoder", "vae.py", "--dataset mnist --eval-n 2000",
+        "IWAE k = 1000, first 2000 test images", "10 epochs", seeds=(0,)),
+    Row("realnvp-mnist", "mnist", "RealNVP, 2 levels x 4 couplings, width 32", "flows.py",
+        "--task images --flow realnvp --dataset mnist --depth 4 --width 32 --steps 500 --eval-n 2000",
+        "exact, first 2000 test images", "500 steps of 64", "1.06 (Dinh et al. 2017, as reported by FFJORD)",
+        seeds=(0,)),
+    Row("glow-mnist", "mnist", "Glow, 2 levels x 4 steps, width 32", "flows.py",
+        "--task images --flow glow --dataset mnist --depth 4 --width 32 --steps 500 --eval-n 2000",
+        "exact, first 2000 test images", "500 steps of 64", "1.05 (Kingma & Dhariwal 2018, Table 2)", seeds=(0,)),
+    Row("ffjord-mnist", "mnist", "FFJORD, one CNF block, 32-32", "ffjord.py",
+        "--dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 --steps 40 --eval-n 200",
+        "ODE (dopri5, tol 1e-3), Hutchinson, first 200 test images", "40 steps of 32",
+        "0.99 (Grathwohl et al. 2019, Table 2)", seeds=(0,)),
+    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (the --quick preset)", "ddpm.py", "--dataset mnist --quick",
+        "variational bound, 50 stratified t per image, first 500 test images", "1000 steps of 64", seeds=(0,)),
+    Row("pixelcnn-mnist", "mnist", "PixelCNN, 256-way softmax", "pixelcnn.py",
+        "--dataset mnist --arch pixelcnn --steps 300 --eval-n 1000", "exact, first 1000 test images",
+        "300 steps of 32", seeds=(0,)),
+    # -- 2D toys, KL(data || model) in nats ---------------------------------------------------------------
+    *(Row(f"{name}-{data}", "toys", model, file, f"--dataset {data} {flags}", estimator, budget, data=data)
+      for data in ("8gaussians", "two_moons")
+      for name, model, file, flags, estimator, budget in (
+          ("vae", "VAE, Gaussian decoder", "vae.py", "--steps 5000", "IWAE k = 1000", "5000 steps of 128"),
+          ("ddpm", "DDPM, MLP", "ddpm.py",
+           "--batch-size 256 --steps 3000 --lr 1e-3 --warmup 100 --ema-decay 0.999 --eval-t 100 --eval-n 5000 "
+           "--sampler ddim --sample-steps 100", "variational bound, 100 stratified t, 5000 test points",
+           "3000 steps of 256"),
+          ("realnvp", "RealNVP, 8 couplings", "flows.py", "--flow realnvp --steps 3000", "exact",
+           "3000 steps of 512"),
+          ("maf", "MAF, 8 MADEs", "flows.py", "--flow maf --steps 3000", "exact", "3000 steps of 512"),
+          ("ffjord", "FFJORD, 64-64-64", "ffjord.py", "--steps 1000 --eval-n 5000",
+           "ODE (dopri5, tol 1e-5), exact trace, 5000 test points", "1000 steps of 200"),
+      )),
+)
+BY_ID = {row.id: row for row in ROWS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a finished run
+# ----------------------------------------------------------------------------------------------------------
+class ResultError(Exception):
+    pass
+
+
+def final_test_line(run_dir: Path, key: str) -> dict:
+    """The last "test" line of run_dir/metrics.jsonl that holds `key`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ResultError(f"{path} does not exist: the run did not start or wrote elsewhere")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    tests = [r for r in lines if r.get("split") == "test" and key in r]
+    if not tests:
+        raise ResultError(f"{path} has no test line with {key!r}: the run did not finish its evaluation")
+    return tests[-1]
+
+
+def module_of(file: str):
+    """Import a model file by name (for its Args and presets), from the repository root."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(Path(file).stem)
+
+
+def expected_config(row: Row, seed: int) -> dict:
+    """The config.json a run of `row` with `seed` writes: the file's Args parsed from the row's flags, with
+    the presets the file defines (a boolean field `quick` and a dict `QUICK`, ...)."""
+    import common
+
+    module = module_of(row.file)
+    presets = {f.name: getattr(module, f.name.upper()) for f in dataclasses.fields(module.Args)
+               if f.type in (bool, "bool") and isinstance(getattr(module, f.name.upper(), None), dict)}
+    args = common.parse_args(module.Args, [*shlex.split(row.flags), "--seed", str(seed)], presets)
+    return json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists, like config.json
+
+
+def check_config(row: Row, seed: int, run_dir: Path) -> None:
+    """Refuse a run folder whose config differs from the row's command in anything that changes the result."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ResultError(f"{path} does not exist")
+    saved, expected = json.loads(path.read_text()), expected_config(row, seed)
+    differ = [f"{k}={saved.get(k)!r} (row: {v!r})" for k, v in expected.items()
+              if k not in NOT_COMPARED and saved.get(k) != v]
+    if differ:
+        raise ResultError(f"{run_dir} was not run with the command of row {row.id}: {'; '.join(differ)}")
+
+
+def code_hash(file: str) -> str:
+    """SHA-256 over the model file and common.py: a figure is stale once either changes."""
+    digest = hashlib.sha256()
+    for name in (file, "common.py"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def host(threads: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+            "gpu": _gpu_name(), "torch": _torch_version(), "python": platform.python_version()}
+
+
+def _gpu_name() -> str | None:
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def make_record(row: Row, seed: int, run_dir: Path, wall_s: float, max_load: float | None,
+                wall_source: str, threads: str) -> dict:
+    """What a finished run measured. `wall_source` "runner" means the whole command, timed here; "metrics.jsonl"
+    means the run's own clock (from its start to its last test line, imports excluded); `max_load` None: not
+    observed (treated as a shared CPU); `threads` is the run's OMP_NUM_THREADS."""
+    line = final_test_line(ROOT / run_dir, row.key)
+    extra = {k: v for k, v in line.items() if k not in ("split", "step", "time", row.key)}
+    return {"row": row.id, "seed": seed, "figure": line[row.key], "extra": extra, "command": row.command(seed),
+            "wall_s": round(wall_s, 1), "wall_source": wall_source, "max_load": None if max_load is None else round(max_load, 2),
+            "host": host(threads), "code": code_hash(row.file), "commit": git_commit(), "run_dir": str(run_dir),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def append_record(record: dict, path: Path = MEASURED) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def load_records(path: Path = MEASURED) -> dict[tuple[str, int], dict]:
+    """The latest record of every (row, seed) whose command is still the row's command."""
+    latest = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                row = BY_ID.get(r["row"])
+                if row is not None and r["command"] == row.command(r["seed"]):
+                    latest[(r["row"], r["seed"])] = r
+    return latest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running rows
+# ----------------------------------------------------------------------------------------------------------
+def run_rows(rows: list[Row], seeds: list[int] | None, jobs: int, threads: int, path: Path = MEASURED,
+             timeout: float | None = None) -> int:
+    """Run every (row, seed), `jobs` at a time, each with `threads` threads; record those that finish. Returns
+    the number of failed runs (their logs stay in runs/results/)."""
+    queue = [(row, s) for row in rows for s in (seeds if seeds is not None else row.seeds)]
+    running, failed = [], 0
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    while queue or running:
+        while queue and len(running) < jobs:
+            row, seed = queue.pop(0)
+            log = ROOT / "runs" / "results" / f"{row.id}-s{seed}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"start {row.id} seed {seed}: {row.command(seed)}", flush=True)
+            proc = subprocess.Popen([sys.executable, row.file, *row.argv(seed)], cwd=ROOT, env=env,
+                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            running.append([row, seed, proc, time.time(), os.getloadavg()[0], log])
+        time.sleep(2)
+        for job in list(running):
+            row, seed, proc, t0, _, log = job
+            job[4] = max(job[4], os.getloadavg()[0])
+            if timeout and proc.poll() is None and time.time() - t0 > timeout:
+                proc.terminate()
+            if proc.poll() is None:
+                continue
+            running.remove(job)
+            wall = time.time() - t0
+            try:
+                if proc.returncode != 0:
+                    raise ResultError(f"exit code {proc.returncode}, see {log.relative_to(ROOT)}")
+                record = make_record(row, seed, row.run_dir(seed), wall, job[4], "runner", str(threads))
+            except ResultError as e:
+                failed += 1
+                print(f"FAILED {row.id} seed {seed}: {e}", flush=True)
+                continue
+            append_record(record, path)
+            print(f"done {row.id} seed {seed}: {row.key}={record['figure']:.4f} in {wall:.0f} s "
+                  f"(max load {job[4]:.1f})", flush=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def format_figure(row: Row, records: list[dict]) -> str:
+    unit, digits = UNITS[row.table]
+    mean, sd = mean_sd([r["figure"] for r in records])
+    text = f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "") + f" {unit}"
+    if row.table == "toys":
+        nll = [r["extra"]["nll_nats"] for r in records if "nll_nats" in r["extra"]]
+        if nll:
+            text += f" ({sum(nll) / len(nll):.{digits}f})"
+    return text
+
+
+def format_wall(records: list[dict], cores: int) -> str:
+    wall = sum(r["wall_s"] for r in records) / len(records)
+    text = f"{wall / 60:.1f} min" if wall >= 120 else f"{wall:.0f} s"
+    if any(r["wall_source"] != "runner" for r in records):
+        text += " (run clock)"
+    if any(r["max_load"] is None or r["max_load"] > cores + 0.5 for r in records):
+        text += " †"
+    return text
+
+
+def render_table(table: str, records: dict[tuple[str, int], dict]) -> tuple[str, list[str]]:
+    """A markdown table of the rows of `table`, and the problems (missing or stale rows) it found."""
+    problems, lines = [], []
+    head = ["model", "file", *(["data"] if table == "toys" else []), "estimator", "budget", "ours", "seeds",
+            "paper", "wall time", "command"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in (r for r in ROWS if r.table == table):
+        found = [records[(row.id, s)] for s in row.seeds if (row.id, s) in records]
+        if not found:
+            problems.append(f"{row.id}: no figure measured (python -m results.table run {row.id})")
+            figure, wall, seeds = "not measured", "–", "–"
+        else:
+            stale = [r for r in found if r["code"] != code_hash(row.file)]
+            if stale:
+                problems.append(f"{row.id}: {row.file} or common.py changed since seed(s) "
+                                f"{[r['seed'] for r in stale]} ran")
+            cores = max(int(r["host"]["cores"] or 1) for r in found)
+            figure, wall = format_figure(row, found), format_wall(found, cores)
+            seeds = ", ".join(str(r["seed"]) for r in found)
+        cells = [row.model, f"`{row.file}`", *([row.data] if table == "toys" else []), row.estimator, row.budget,
+                 figure, seeds, row.paper, wall, f"`{row.command()}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), problems
+
+
+def hardware_line(records: dict) -> str:
+    hosts = sorted({(r["host"]["cpu"], r["host"]["cores"], r["host"]["gpu"] or "no GPU", r["host"]["torch"],
+                     r["host"]["threads"]) for r in records.values()})
+    return "; ".join(f"{cpu}, {cores} cores, {gpu}, PyTorch {torch}, OMP_NUM_THREADS={threads}"
+                     for cpu, cores, gpu, torch, threads in hosts) or "–"
+
+
+def render(records: dict) -> tuple[str, list[str]]:
+    parts, problems = [], []
+    parts.append(f"Measured with `python -m results.table run ROW` on: {hardware_line(records)}. The `± x` is the "
+                 "standard deviation over the seeds listed; one seed where the budget allowed only one. A "
+                 "run's wall time is its whole command (imports, data, training, evaluation); † marks runs "
+                 "during which the load average exceeded the number of cores (other jobs shared the CPU, so "
+                 "an idle machine is faster). Figures: results/measured.jsonl.")
+    for table, title in TABLES.items():
+        text, found = render_table(table, records)
+        parts += [f"**{title}**", text]
+        problems += found
+    return "\n\n".join(parts), problems
+
+
+def splice(document: str, block: str) -> str:
+    """Replace what lies between the BEGIN and END markers of `document` by `block`."""
+    if document.count(BEGIN) != 1 or document.count(END) != 1 or document.index(BEGIN) > document.index(END):
+        raise ResultError(f"README.md needs exactly one {BEGIN} ... {END} pair")
+    head, rest = document.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The samples figure
+# ----------------------------------------------------------------------------------------------------------
+def samples_figure(records: dict, out: Path, tile: int = 196, columns: int = 6) -> int:
+    """Tile the samples.png of the first recorded seed of every row, captioned, into one PNG."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for row in ROWS:
+        found = [records[(row.id, s)] for s in row.seeds if (row.id, s) in records]
+        path = ROOT / found[0]["run_dir"] / "samples.png" if found else None
+        if path is None or not path.exists():
+            continue
+        image = Image.open(path).convert("RGB")
+        scale = tile / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.NEAREST)
+        tiles.append((f"{row.id}", image))
+    if not tiles:
+        raise ResultError("no run folder with a samples.png: run some rows first")
+    caption = 16
+    rows_n = math.ceil(len(tiles) / columns)
+    sheet = Image.new("RGB", (columns * (tile + 8), rows_n * (tile + caption + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, image) in enumerate(tiles):
+        x, y = (i % columns) * (tile + 8) + 4, (i // columns) * (tile + caption + 8) + 4
+        sheet.paste(image, (x + (tile - image.width) // 2, y + caption + (tile - image.height) // 2))
+        draw.text((x, y), label, fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return len(tiles)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+def select(ids: list[str], table: str | None) -> list[Row]:
+    unknown = [i for i in ids if i not in BY_ID]
+    if unknown:
+        raise ResultError(f"unknown row(s) {unknown}; `python -m results.table list` shows them")
+    rows = [BY_ID[i] for i in ids] if ids else list(ROWS)
+    return [r for r in rows if table is None or r.table == table]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("list", help="every row and its command")
+    p.add_argument("--table", choices=list(TABLES))
+    p = sub.add_parser("run", help="run rows and record their figures", formatter_class=parser.formatter_class)
+    p.add_argument("rows", nargs="*", help="row ids (default: all rows of --table, or every row)")
+    p.add_argument("--table", choices=list(TABLES))
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: each row's own)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--timeout", type=float, default=0, help="stop a run after this many seconds (0: never)")
+    p = sub.add_parser("record", help="record a finished run folder made by exactly a row's command")
+    p.add_argument("row")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--run-dir", required=True)
+    p = sub.add_parser("render", help="rewrite README.md's tables from results/measured.jsonl")
+    p.add_argument("--check", action="store_true", help="exit 1 if a row is missing or stale")
+    sub.add_parser("figure", help="results/samples.png from every row's samples")
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "list":
+            for row in select([], args.table):
+                print(f"{row.id:22s} {row.table:16s} seeds {list(row.seeds)}  {row.command()}")
+        elif args.what == "run":
+            return 1 if run_rows(select(args.rows, args.table), args.seeds, args.jobs, args.threads,
+                                 timeout=args.timeout or None) else 0
+        elif args.what == "record":
+            row = select([args.row], None)[0]
+            check_config(row, args.seed, Path(args.run_dir))
+            wall = final_test_line(Path(args.run_dir), row.key)["time"]
+            append_record(make_record(row, args.seed, Path(args.run_dir), wall, None, "metrics.jsonl", "not recorded"))
+            print(f"recorded {row.id} seed {args.seed}")
+        elif args.what == "render":
+            block, problems = render(load_records())
+            README.write_text(splice(README.read_text(), block))
+            for problem in problems:
+                print(f"warning: {problem}", file=sys.stderr)
+            return 1 if args.check and problems else 0
+        elif args.what == "figure":
+            n = samples_figure(load_records(), ROOT / "results" / "samples.png")
+            print(f"results/samples.png: {n} rows")
+    except ResultError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
