@@ -27,9 +27,10 @@ for toys, bits/dim of uniformly dequantized data for images, with the number of 
 
 Deviations from the papers:
 - The noise level enters the networks as t in [0, 1] (for NCSN and VE, log sigma is affine in t), through DDPM's
-  sinusoidal embedding of 999 t (30 t in the toy MLP, for a cheaper ODE; see MLP); the score is net(x, t) / sigma_t (Song & Ermon 2020, Technique 3; for VP this is
-  the eps-parameterization -eps_theta / sigma_t of the authors' code). Both losses carry a factor 1/2 (NCSN Eq. 5;
-  SDE Eq. 7 has none: a constant). The toy MLP and the MNIST-sized U-Net are not in the papers.
+  sinusoidal embedding of 999 t (30 t in the toy MLP, for a cheaper ODE; see MLP); the score is net(x, t) / sigma_t
+  (Song & Ermon 2020, Technique 3; for VP this is the eps-parameterization -eps_theta / sigma_t of the authors'
+  code). Both losses carry a factor 1/2 (NCSN Eq. 5; SDE Eq. 7 has none: a constant). The toy MLP and the
+  MNIST-sized U-Net are not in the papers.
 - The VE kernel is N(x(0), (sigma(t)^2 - sigma_min^2) I) (Eq. 30); the authors' code uses sigma(t)^2.
 - The Langevin corrector's step 2 alpha (r ||z|| / ||s||)^2 takes the norms averaged over the batch, as the authors'
   code does (a per-example ratio is unstable in 2D); the PC loop runs corrector then predictor at each time, as in
