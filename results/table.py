@@ -8,7 +8,8 @@ estimator, budget, the paper's figure), runs them, records what each run printed
     python -m results.table list                          # every row and its command
     python -m results.table run vae-bmnist --seeds 0 1    # run rows (one thread per process), record the figures
     python -m results.table run --table toys --jobs 2     # a whole table, two runs at a time
-    python -m results.table record vae-bmnist --seed 0 --run-dir runs/x   # a finished run of exactly that command
+    python -m results.table record vae-bmnist --seed 0 --run-dir runs/x   # a finished run of exactly that command,
+                                                          # made with the code as it is now
     python -m results.table render                        # rewrite README.md's tables from results/measured.jsonl
     python -m results.table render --check                # fail if a row lacks a figure or its code changed since
     python -m results.table figure                        # results/samples.png: every row's samples in one figure
@@ -71,7 +72,8 @@ class Row:
 
 
 TABLES = {
-    "binarized_mnist": "Binarized MNIST (dynamically binarized, README's `binarized_mnist`): test NLL, nats per image",
+    "binarized_mnist": "Binarized MNIST (dynamically binarized, README's `binarized_mnist`): test NLL, nats per "
+                       "image",
     "mnist": "8-bit MNIST: test NLL, bits per dimension (densities on dequantized data: an upper bound on the "
              "discrete NLL, README's units)",
     "toys": "2D toys: test KL(data || model) = NLL - H(data), nats per point (NLL in brackets)",
@@ -92,6 +94,12 @@ ROWS: tuple[Row, ...] = (
     Row("vae-planar-bmnist", "binarized_mnist", "VAE with a planar-flow posterior, K = 8", "flows.py",
         "--task vae --flow planar --steps 2340 --eval-n 2000", "IWAE k = 1000, first 2000 test images",
         "5 epochs (2340 steps of 128)", seeds=(0,)),
+    Row("nvae-bmnist", "binarized_mnist", "NVAE, small CPU configuration (4 groups, 389k parameters)", "nvae.py",
+        "--dataset binarized_mnist --eval-n 1000 --eval-k 100", "IWAE k = 100, first 1000 test images", "3 epochs",
+        "about 78 (Vahdat & Kautz 2020, full model on GPUs)", seeds=(0,)),
+    Row("vae-long-bmnist", "binarized_mnist", "VAE, MLP 784-400-20, at NVAE's training time", "vae.py",
+        "--dataset binarized_mnist --epochs 115 --eval-n 1000 --eval-k 100", "IWAE k = 100, first 1000 test images",
+        "115 epochs", seeds=(0,)),
     Row("pixelcnn-bmnist", "binarized_mnist", "PixelCNN", "pixelcnn.py",
         "--arch pixelcnn --steps 500 --eval-n 1000", "exact, first 1000 test images", "500 steps of 32",
         "81.30 (static binarization; van den Oord et al. 2016, Table 4)", seeds=(0,)),
@@ -117,6 +125,22 @@ ROWS: tuple[Row, ...] = (
         "0.99 (Grathwohl et al. 2019, Table 2)", seeds=(0,)),
     Row("ddpm-mnist", "mnist", "DDPM, small U-Net (the --quick preset)", "ddpm.py", "--dataset mnist --quick",
         "variational bound, 50 stratified t per image, first 500 test images", "1000 steps of 64", seeds=(0,)),
+    Row("ncsn_sde-mnist", "mnist", "score SDE (VP), small U-Net", "ncsn_sde.py",
+        "--dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
+        "--batch-size 64 --lr 1e-3 --warmup 100 --steps 76 --eval-every 100000 --eval-n 20 --sample-steps 20 "
+        "--rtol 1e-3 --atol 1e-3", "probability-flow ODE (dopri5, tol 1e-3), Hutchinson, first 20 test images",
+        "76 steps of 64", "2.99 on CIFAR-10 (Song et al. 2021, VP, deep DDPM++)", seeds=(0,)),
+    Row("nvae-mnist", "mnist", "NVAE, small CPU configuration, logistic mixture decoder", "nvae.py",
+        "--dataset mnist --steps 300 --eval-n 500 --eval-k 20", "IWAE k = 20, first 500 test images",
+        "300 steps of 128", seeds=(0,)),
+    Row("vqvae-mnist", "mnist", "VQ-VAE, K = 128, uniform prior (stage one)", "vqvae.py",
+        "--dataset mnist --ema --restart 1 --hidden 64 --codebook-size 128 --code-dim 32 --batch-size 64 --lr 1e-3 "
+        "--steps 1500", "bound: decoder NLL + log K per code, all 10,000 test images", "1500 steps of 64",
+        seeds=(0,)),
+    Row("vqvae-prior-mnist", "mnist", "VQ-VAE + gated PixelCNN prior (stage two on vqvae-mnist seed 0)", "vqvae.py",
+        "--stage prior --vqvae runs/results/vqvae-mnist-s0 --prior-hidden 64 --prior-layers 8 --batch-size 64 "
+        "--lr 1e-3 --steps 700", "bound: decoder NLL + prior NLL of the codes, all 10,000 test images",
+        "700 prior steps of 64", "4.67 on CIFAR-10 (van den Oord et al. 2017)", seeds=(0,)),
     Row("pixelcnn-mnist", "mnist", "PixelCNN, 256-way softmax", "pixelcnn.py",
         "--dataset mnist --arch pixelcnn --steps 300 --eval-n 1000", "exact, first 1000 test images",
         "300 steps of 32", seeds=(0,)),
@@ -134,6 +158,15 @@ ROWS: tuple[Row, ...] = (
           ("maf", "MAF, 8 MADEs", "flows.py", "--flow maf --steps 3000", "exact", "3000 steps of 512"),
           ("ffjord", "FFJORD, 64-64-64", "ffjord.py", "--steps 1000 --eval-n 5000",
            "ODE (dopri5, tol 1e-5), exact trace, 5000 test points", "1000 steps of 200"),
+          ("ebm", "EBM, MLP, SGLD with a replay buffer", "ebm_jem.py",
+           "--model ebm --arch mlp --batch-size 256 --lr 1e-3 --lr-decay --energy-reg 0.01 "
+           + {"8gaussians": "--sgld-step 0.05 --sgld-noise 0.2236",
+              "two_moons": "--sgld-step 0.01 --sgld-noise 0.1"}[data]
+           + " --data-noise 0 --steps 2000 --compose", "exp(-E) normalized on a 500^2 grid over [-5, 5]^2",
+           "2000 steps of 256"),
+          ("ncsn_sde", "score SDE (VP), MLP", "ncsn_sde.py",
+           "--batch-size 256 --lr 1e-3 --warmup 100 --steps 6000 --eval-every 3000 --eval-n 5000",
+           "probability-flow ODE (dopri5, tol 1e-5), exact divergence, 5000 test points", "6000 steps of 256"),
       )),
 )
 BY_ID = {row.id: row for row in ROWS}
@@ -156,6 +189,15 @@ def final_test_line(run_dir: Path, key: str) -> dict:
     if not tests:
         raise ResultError(f"{path} has no test line with {key!r}: the run did not finish its evaluation")
     return tests[-1]
+
+
+def run_clock(run_dir: Path) -> float:
+    """Seconds a run spent from its start to its last log line, summed over its invocations: every `--resume`
+    restarts the clock of metrics.jsonl, so the times there fall back at each resumption."""
+    times = [json.loads(line)["time"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
+    ends = [a for a, b in zip(times, times[1:]) if b < a]  # the last time of every invocation but the last
+    return sum(ends) + (times[-1] if times else 0.0)
 
 
 def module_of(file: str):
@@ -231,7 +273,8 @@ def make_record(row: Row, seed: int, run_dir: Path, wall_s: float, max_load: flo
     line = final_test_line(ROOT / run_dir, row.key)
     extra = {k: v for k, v in line.items() if k not in ("split", "step", "time", row.key)}
     return {"row": row.id, "seed": seed, "figure": line[row.key], "extra": extra, "command": row.command(seed),
-            "wall_s": round(wall_s, 1), "wall_source": wall_source, "max_load": None if max_load is None else round(max_load, 2),
+            "wall_s": round(wall_s, 1), "wall_source": wall_source,
+            "max_load": None if max_load is None else round(max_load, 2),
             "host": host(threads), "code": code_hash(row.file), "commit": git_commit(), "run_dir": str(run_dir),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -461,8 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.what == "record":
             row = select([args.row], None)[0]
             check_config(row, args.seed, Path(args.run_dir))
-            wall = final_test_line(Path(args.run_dir), row.key)["time"]
-            append_record(make_record(row, args.seed, Path(args.run_dir), wall, None, "metrics.jsonl", "not recorded"))
+            wall = run_clock(Path(args.run_dir))
+            record = make_record(row, args.seed, Path(args.run_dir), wall, None, "metrics.jsonl", "not recorded")
+            append_record(record)
             print(f"recorded {row.id} seed {args.seed}")
         elif args.what == "render":
             block, problems = render(load_records())
