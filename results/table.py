@@ -36,7 +36,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the model files and common.py, wherever this is run from
+import common  # noqa: E402
 MEASURED = ROOT / "results" / "measured.jsonl"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -202,16 +206,12 @@ def run_clock(run_dir: Path) -> float:
 
 def module_of(file: str):
     """Import a model file by name (for its Args and presets), from the repository root."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     return importlib.import_module(Path(file).stem)
 
 
 def expected_config(row: Row, seed: int) -> dict:
     """The config.json a run of `row` with `seed` writes: the file's Args parsed from the row's flags, with
     the presets the file defines (a boolean field `quick` and a dict `QUICK`, ...)."""
-    import common
-
     module = module_of(row.file)
     presets = {f.name: getattr(module, f.name.upper()) for f in dataclasses.fields(module.Args)
                if f.type in (bool, "bool") and isinstance(getattr(module, f.name.upper(), None), dict)}
@@ -242,22 +242,14 @@ def code_hash(file: str) -> str:
 def host(threads: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "gpu": _gpu_name(), "torch": _torch_version(), "python": platform.python_version()}
-
-
-def _gpu_name() -> str | None:
-    import torch
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def _torch_version() -> str:
-    import torch
-    return torch.__version__
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def git_commit() -> str:
@@ -301,6 +293,27 @@ def load_records(path: Path = MEASURED) -> dict[tuple[str, int], dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Running rows
 # ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One running (row, seed): its process, its log file, when it started and the largest load seen."""
+    row: Row
+    seed: int
+    proc: subprocess.Popen
+    log: Path
+    start: float
+    max_load: float
+
+
+def start_job(row: Row, seed: int, env: dict) -> Job:
+    log = ROOT / "runs" / "results" / f"{row.id}-s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"start {row.id} seed {seed}: {row.command(seed)}", flush=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, row.file, *row.argv(seed)], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return Job(row, seed, proc, log, time.time(), os.getloadavg()[0])
+
+
 def run_rows(rows: list[Row], seeds: list[int] | None, jobs: int, threads: int, path: Path = MEASURED,
              timeout: float | None = None) -> int:
     """Run every (row, seed), `jobs` at a time, each with `threads` threads; record those that finish. Returns
@@ -310,34 +323,28 @@ def run_rows(rows: list[Row], seeds: list[int] | None, jobs: int, threads: int, 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     while queue or running:
         while queue and len(running) < jobs:
-            row, seed = queue.pop(0)
-            log = ROOT / "runs" / "results" / f"{row.id}-s{seed}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"start {row.id} seed {seed}: {row.command(seed)}", flush=True)
-            proc = subprocess.Popen([sys.executable, row.file, *row.argv(seed)], cwd=ROOT, env=env,
-                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
-            running.append([row, seed, proc, time.time(), os.getloadavg()[0], log])
+            running.append(start_job(*queue.pop(0), env))
         time.sleep(2)
         for job in list(running):
-            row, seed, proc, t0, _, log = job
-            job[4] = max(job[4], os.getloadavg()[0])
-            if timeout and proc.poll() is None and time.time() - t0 > timeout:
-                proc.terminate()
-            if proc.poll() is None:
+            job.max_load = max(job.max_load, os.getloadavg()[0])
+            if timeout and job.proc.poll() is None and time.time() - job.start > timeout:
+                job.proc.terminate()
+            if job.proc.poll() is None:
                 continue
             running.remove(job)
-            wall = time.time() - t0
+            wall = time.time() - job.start
             try:
-                if proc.returncode != 0:
-                    raise ResultError(f"exit code {proc.returncode}, see {log.relative_to(ROOT)}")
-                record = make_record(row, seed, row.run_dir(seed), wall, job[4], "runner", str(threads))
+                if job.proc.returncode != 0:
+                    raise ResultError(f"exit code {job.proc.returncode}, see {job.log.relative_to(ROOT)}")
+                record = make_record(job.row, job.seed, job.row.run_dir(job.seed), wall, job.max_load, "runner",
+                                     str(threads))
             except ResultError as e:
                 failed += 1
-                print(f"FAILED {row.id} seed {seed}: {e}", flush=True)
+                print(f"FAILED {job.row.id} seed {job.seed}: {e}", flush=True)
                 continue
             append_record(record, path)
-            print(f"done {row.id} seed {seed}: {row.key}={record['figure']:.4f} in {wall:.0f} s "
-                  f"(max load {job[4]:.1f})", flush=True)
+            print(f"done {job.row.id} seed {job.seed}: {job.row.key}={record['figure']:.4f} in {wall:.0f} s "
+                  f"(max load {job.max_load:.1f})", flush=True)
     return failed
 
 
@@ -444,7 +451,7 @@ def samples_figure(records: dict, out: Path, tile: int = 196, columns: int = 6) 
         scale = tile / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.NEAREST)
-        tiles.append((f"{row.id}", image))
+        tiles.append((row.id, image))
     if not tiles:
         raise ResultError("no run folder with a samples.png: run some rows first")
     caption = 16
