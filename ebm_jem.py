@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -149,7 +150,7 @@ class EnergyModel(nn.Module):
     def __init__(self, shape: tuple[int, ...], model: str = "jem", arch: str = "conv", hidden: int = 128,
                  sn: bool = False, num_classes: int = NUM_CLASSES):
         super().__init__()
-        self.shape, self.jem = tuple(shape), model == "jem"
+        self.jem = model == "jem"
         out = num_classes if self.jem else 1
         self.conv = arch == "conv" and len(shape) == 3
         if self.conv:
@@ -194,7 +195,9 @@ def contrastive_loss(e_data: torch.Tensor, e_sample: torch.Tensor, energy_reg: f
     """
     max_abs = torch.cat([e_data, e_sample]).detach().abs()
     max_abs = torch.where(torch.isfinite(max_abs), max_abs, torch.full_like(max_abs, math.inf)).max()
+    # Du & Mordatch 2019, Eq. 2: the maximum-likelihood gradient through mean E(x+) - mean E(x-)
     cd = e_data.mean() - e_sample.mean()
+    # Du & Mordatch 2019, Sec. 3.3: the L2 penalty alpha (E(x+)^2 + E(x-)^2) keeps the energies near 0
     reg = energy_reg * (e_data.pow(2).mean() + e_sample.pow(2).mean())
     loss = cd + reg
     metrics = {"loss": loss, "cd": cd, "e_data": e_data.mean(), "e_sample": e_sample.mean(),
@@ -307,10 +310,9 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
     conf, pred = probs.max(1)
     correct = (pred == y).double()
     b = (conf.double() * bins).ceil().clamp(1, bins).long() - 1
-    count = torch.zeros(bins, dtype=torch.float64, device=probs.device)
-    count.index_add_(0, b, torch.ones_like(correct))
-    acc = torch.zeros_like(count).index_add_(0, b, correct)
-    conf_sum = torch.zeros_like(count).index_add_(0, b, conf.double())
+    # |B_b| |acc(B_b) - conf(B_b)| = |sum of correct - sum of confidences| over the bin
+    acc = torch.zeros(bins, dtype=torch.float64, device=probs.device).index_add_(0, b, correct)
+    conf_sum = torch.zeros_like(acc).index_add_(0, b, conf.double())
     return ((acc - conf_sum).abs().sum() / len(y)).item()
 
 
@@ -473,6 +475,8 @@ def train(args: Args) -> dict:
         # 5. the divergence guard: one host sync per log interval, before any checkpoint is written
         peak = torch.maximum(peak, metrics["max_abs_e"])
         if (step + 1) % args.log_every == 0 or (step + 1) % args.ckpt_every == 0 or step + 1 == total:
+            if dist.enabled:  # every rank stops together, or the others would wait for it forever
+                torch_dist.all_reduce(peak, op=torch_dist.ReduceOp.MAX)
             if not peak.item() <= args.max_energy:  # NaN counts as diverged
                 kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() \
                     else "no checkpoint had been written yet"

@@ -14,8 +14,8 @@ log_det = log|det dz/dx|, and `inverse(z) -> (x, log_det)` the generative one wi
 so the two log-dets of a round trip sum to zero. A `Flow` is a list of layers over a standard normal base:
 log p(x) = log N(z; 0, I) + sum of the layers' log_det (change of variables), and `sample(n)` runs the
 inverses. Planar, radial and Sylvester maps are defined by their papers in the generative direction, so their
-closed-form map is `inverse`; their `forward` solves it numerically (planar, radial) or does not exist
-(Sylvester). IAF is MAF with the two directions swapped: sampling is one parallel pass.
+closed-form map is `inverse`; their `forward` solves it numerically (planar), in closed form (radial), or does not
+exist (Sylvester). IAF is MAF with the two directions swapped: sampling is one parallel pass.
 
     python flows.py --quick                                         # a few seconds: RealNVP on 8gaussians
     python flows.py --task density --flow maf --dataset two_moons   # 2D density estimation (also nice,
@@ -484,8 +484,11 @@ class ActNorm(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor):
-        if self.training and not self.initialized:
-            self.initialize(x)
+        # the buffer is read (a host sync on a GPU) only until the first training step has seen it set
+        if self.training and not getattr(self, "_seen_initialized", False):
+            if not self.initialized:
+                self.initialize(x)
+            self._seen_initialized = True
         pixels = x[0, 0].numel()  # H * W, or 1 for vectors
         z = (x + _channel_view(self.bias, x)) * _channel_view(self.logs.exp(), x)
         return z, (pixels * self.logs.sum()).expand(len(x))

@@ -318,12 +318,13 @@ def sample(model: IWAE, n: int, mean: bool = True) -> torch.Tensor:
     elif model.kind == "binary":
         x = torch.bernoulli(torch.sigmoid(params[:, 0]))
     else:  # a Gaussian draw; for 8-bit data a logistic draw rounded to the 256 levels
-        loc, log_scale = params[:, 0], params[:, 1]
-        if model.kind == "toy":
-            x = loc + torch.exp(0.5 * log_scale) * torch.randn_like(loc)
-        else:
+        loc = params[:, 0]
+        if model.kind == "toy":  # params[:, 1] is the log-variance
+            x = loc + torch.exp(0.5 * params[:, 1]) * torch.randn_like(loc)
+        else:  # params[:, 1] is the logistic's log-scale, in the units of x
             u = torch.rand_like(loc).clamp(1e-6, 1 - 1e-6)
-            x = (loc + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u)) * 255).round().clamp(0, 255) / 255
+            x = loc + torch.exp(params[:, 1]) * (torch.log(u) - torch.log1p(-u))
+            x = (x * 255).round().clamp(0, 255) / 255
     return x.reshape(n, *model.shape)
 
 

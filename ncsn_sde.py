@@ -154,21 +154,21 @@ def sample_probe(like: torch.Tensor, noise: str) -> torch.Tensor:
 
 def implicit_score_matching(score_fn: Callable, x: torch.Tensor) -> torch.Tensor:
     """Hyvarinen 2005, Theorem 1: J(theta) = E[tr(grad_x s(x)) + 1/2 ||s(x)||^2] (+ a constant), exact trace."""
-    x = x.detach().requires_grad_(True)
+    x, create_graph = x.detach().requires_grad_(True), torch.is_grad_enabled()  # a graph only when training
     with torch.enable_grad():
         s = score_fn(x)
-        return divergence_exact(s, x, create_graph=torch.is_grad_enabled()) + 0.5 * s.flatten(1).pow(2).sum(1)
+        return divergence_exact(s, x, create_graph=create_graph) + 0.5 * s.flatten(1).pow(2).sum(1)
 
 
 def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor | None = None,
                           noise: str = "gaussian") -> torch.Tensor:
     """Song, Garg, Shi & Ermon 2019 (sliced score matching), Eq. 8 with the variance reduction of Sec. 3:
     J(theta) = E_x E_v[v^T grad_x s(x) v + 1/2 ||s(x)||^2], one random projection v per example."""
-    x = x.detach().requires_grad_(True)
+    x, create_graph = x.detach().requires_grad_(True), torch.is_grad_enabled()  # a graph only when training
     v = sample_probe(x, noise) if v is None else v
     with torch.enable_grad():
         s = score_fn(x)
-        return divergence_hutchinson(s, x, v, create_graph=torch.is_grad_enabled()) + 0.5 * s.flatten(1).pow(2).sum(1)
+        return divergence_hutchinson(s, x, v, create_graph=create_graph) + 0.5 * s.flatten(1).pow(2).sum(1)
 
 
 def denoising_score_matching(score: torch.Tensor, x_tilde: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -191,8 +191,9 @@ def annealed_langevin(score_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor,
                       T: int = 100) -> torch.Tensor:
     """Song & Ermon 2019, Algorithm 1. score_fn(x, i) is the score at noise level sigmas[i]; sigmas decreasing.
     With one sigma it is plain Langevin dynamics with step eps."""
+    sigma_L = sigmas[-1].item()
     for i, sigma in enumerate(sigmas.tolist()):  # line 2: for i <- 1 to L
-        alpha = eps * sigma**2 / sigmas[-1].item() ** 2  # line 3: alpha_i = eps sigma_i^2 / sigma_L^2
+        alpha = eps * sigma**2 / sigma_L**2  # line 3: alpha_i = eps sigma_i^2 / sigma_L^2
         for _ in range(T):  # line 4
             z = torch.randn_like(x)  # line 5
             x = x + alpha / 2 * score_fn(x, i) + math.sqrt(alpha) * z  # line 6
@@ -493,7 +494,8 @@ class ScoreModel(nn.Module):
         mean, std = self.perturbation(x, t)
         z = torch.randn_like(x)
         x_t = mean + bcast(std, x) * z  # x(t) ~ p_0t(x(t) | x(0))
-        # lambda = sigma^2 (NCSN, Eq. 6) or lambda(t) = E||grad log p_0t||^-2 = sigma_t^2 (Song et al. 2021, Eq. 7)
+        # lambda = sigma^2 (NCSN, Eq. 6) or lambda(t) ∝ 1 / E||grad log p_0t||^2 = sigma_t^2 / D (Song et al. 2021,
+        # Eq. 7): lambda(t) = sigma_t^2
         lam = std**2
         if self.objective == "dsm":
             # lambda * 1/2 ||s + (x_t - mean) / sigma^2||^2 = 1/2 ||sigma s + z||^2

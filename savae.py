@@ -12,10 +12,11 @@ derivative holds Hessian-vector products of the ELBO (autograd's double backward
     python savae.py --mode svi                               # per-example optimization from N(0, I) only
     python savae.py --decoder mlp                            # a factorized decoder, not the autoregressive one
 
-The three modes are the rows of the lecture's table. Every evaluation refines the posterior with the same K steps
-(from the encoder's proposal, or from N(0, I) for svi) and reports the ELBO and the importance-sampled NLL under
-the refined q, the ELBO of the unrefined proposal, their difference (the part of the amortization gap that K
-steps of SVI close), the KL and the active units: with a strong decoder a VAE's KL collapses towards 0.
+The three modes are the VAE, SVI and SA-VAE rows of Kim et al. 2018's results tables. Every evaluation refines the
+posterior with the same K steps (from the encoder's proposal, or from N(0, I) for svi) and reports the ELBO and
+the importance-sampled NLL under the refined q, the ELBO of the unrefined proposal, their difference (the part of
+the amortization gap that K steps of SVI close), the KL and the active units: with a strong decoder a VAE's KL
+collapses towards 0.
 
 Deviations from the paper:
 - Data: binarized MNIST (dynamically binarized), not the paper's OMNIGLOT images and Yahoo / synthetic text.
@@ -250,7 +251,7 @@ class SAVAE(nn.Module):
 
             return refine(elbo_fn, mu, logvar, steps, lr, momentum, max_norm, create_graph)
 
-    def forward(self, x: torch.Tensor, mode: str = "savae", svi_steps: int = 20, svi_lr: float = 1.0,
+    def forward(self, x: torch.Tensor, mode: str = "savae", svi_steps: int = 20, svi_lr: float = 0.03,
                 momentum: float = 0.5, max_norm: float = 5.0):
         x = x.flatten(1)  # (B, D)
         # 1. lambda_0 from the encoder (vae, savae) or the fixed start (svi)

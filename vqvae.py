@@ -187,8 +187,8 @@ class VectorQuantizer(nn.Module):
     def __init__(self, K: int, D: int, ema: bool = False, decay: float = 0.99, eps: float = 1e-5,
                  restart: float = 0.0):
         super().__init__()
-        self.K, self.D, self.ema, self.decay, self.eps, self.restart = K, D, ema, decay, eps, restart
-        init = torch.empty(K, D).uniform_(-1 / K, 1 / K)  # as in the authors' Sonnet module
+        self.K, self.ema, self.decay, self.eps, self.restart = K, ema, decay, eps, restart
+        init = torch.empty(K, D).uniform_(-1 / K, 1 / K)  # our choice (common in PyTorch ports)
         if ema:  # a buffer: moved by the moving averages below, not by the optimizer
             self.register_buffer("codebook", init)
             # N_i = 1 and m_i = e_i to start with, so that e_i = m_i / N_i holds before any update (from N_i = 0,
@@ -211,11 +211,13 @@ class VectorQuantizer(nn.Module):
         # encoder (beta is applied by the caller); summed over the code grid and D, per example
         codebook_loss = (z_e.detach() - z_q).pow(2).sum((1, 2, 3))
         commitment = (z_e - z_q.detach()).pow(2).sum((1, 2, 3))
-        # straight-through estimator (Sec. 3.1): forward z_q, backward the identity, d loss/d z_e = d loss/d z_q
+        # straight-through estimator (Sec. 3.2): forward z_q, backward the identity, d loss/d z_e = d loss/d z_q
         z_q_st = z_e + (z_q - z_e).detach()
-        counts = torch.bincount(index, minlength=self.K).to(z_flat.dtype)  # (K,)
+        # (K,) in full precision (bf16 would round counts above 256), and no host sync (bincount sizes on the host)
+        ones = torch.ones_like(index, dtype=self.codebook.dtype)
+        counts = torch.zeros(self.K, device=index.device, dtype=ones.dtype).index_add_(0, index, ones)
         if self.training:
-            self.update(z_flat.detach().to(self.codebook.dtype), index, counts.to(self.codebook.dtype))
+            self.update(z_flat.detach().to(self.codebook.dtype), index, counts)
         return {"z_q": z_q_st, "index": index.view(B, H, W), "codebook_loss": codebook_loss,
                 "commitment": commitment, "counts": counts}
 
@@ -727,7 +729,7 @@ def train_prior(args: Args) -> dict:
     run = common.Run(args, "vqvae", dist, prior, optimizer, resumable=("vqvae", "samples"))
     start = run.restore()
     ddp = common.wrap_ddp(prior, dist)
-    # the codes of every image, once: q(z|x) is deterministic (the binarized training set is drawn once, seed 0)
+    # the codes of every image, once: q(z|x) is deterministic (the binarized training set is drawn once, seed --seed)
     with common.eval_mode(model, seed=args.seed):
         train_x = data.train_x[: args.train_n or len(data.train_x)]
         if data.dynamic_binarization:

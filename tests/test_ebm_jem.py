@@ -159,7 +159,7 @@ def test_buffer_reinitializes_the_stated_fraction(n, reinit):
     x, index = buffer.sample(n, reinit)
     fresh = (x != 5.0).all(1)
     assert fresh.sum().item() == round(reinit * n)
-    assert x[fresh].abs().max() <= 1 if fresh.any() else True
+    assert not fresh.any() or x[fresh].abs().max() <= 1
     assert (x[~fresh] == 5.0).all() and index.shape == (n,) and (0 <= index).all() and (index < 1000).all()
     buffer.push(torch.zeros(n, 3), index)
     assert (buffer.x[index] == 0).all() and (buffer.x == 5.0).sum().item() == 3 * (1000 - len(index.unique()))
