@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +88,42 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+# A field's comment may end with its valid range, checked before anything runs:
+#     batch_size: int = 128  # minibatch per process; >= 1
+#     decay: float = 0.99  # EMA decay; in [0, 1)
+_BOUND = re.compile(r";\s*(?:(?P<op>>=|>)\s*(?P<low>\S+)|in\s*(?P<lb>[\[(])\s*(?P<lo>[^,\s]+)\s*,\s*(?P<hi>[^\])\s]+)"
+                    r"\s*(?P<rb>[\])]))\s*$")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A closed or open interval [low, high] / (low, high) of valid values; `text` is how the comment says it."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    text: str
+
+    def __contains__(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+def field_bound(comment: str) -> Bound | None:
+    """The range at the end of a field's comment ("; >= 1", "; > 0", "; in [0, 1)"), or None."""
+    m = _BOUND.search(comment)
+    if m is None:
+        return None
+    text = m.group(0).lstrip("; ").strip()
+    if m["op"]:
+        return Bound(float(m["low"]), math.inf, m["op"] == ">", True, text)
+    return Bound(float(m["lo"]), float(m["hi"]), m["lb"] == "(", m["rb"] == ")", text)
+
+
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint, doc: str) -> None:
     flag = "--" + field.name.replace("_", "-")
     default = field.default
@@ -107,8 +144,22 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint, 
         parser.add_argument(flag, type=hint, help=text)
 
 
+def _check_bounds(parser: argparse.ArgumentParser, args, docs: dict[str, str]) -> None:
+    """argparse's own error (usage, one `error:` line, exit 2) for the first value outside its field's range."""
+    for field in dataclasses.fields(args):
+        bound = field_bound(docs.get(field.name, ""))
+        value = getattr(args, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if bound is None or any(isinstance(v, (bool, str)) or v is None for v in values):
+            continue
+        for v in values:
+            if v not in bound:
+                flag = "--" + field.name.replace("_", "-")
+                parser.error(f"argument {flag}: must be {bound.text} (got {v})")
+
+
 def parse_args(cls: type, argv: list[str] | None = None, presets: dict[str, dict] | None = None):
-    """Parse the command line into an instance of the dataclass `cls`.
+    """Parse the command line into an instance of the dataclass `cls`, checking each field's declared range.
 
     `presets` maps a boolean field (e.g. "quick") to overrides applied when that flag is set; values given
     explicitly on the command line win over the preset.
@@ -128,7 +179,9 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict[str, dict
         if given.get(flag, getattr(cls, flag, False)):
             values.update(overrides)
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-    return cls(**values)
+    args = cls(**values)
+    _check_bounds(parser, args, docs)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,9 +246,11 @@ class Dist:
 
 
 def setup(args) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by torchrun, pick the device and seed this rank."""
+    """Join the process group when launched by torchrun, set the CPU threads, pick the device, seed this rank."""
     dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(args, "threads", 0):  # 0 keeps torch's default (one per core, or $OMP_NUM_THREADS)
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     if dist.enabled:
         if device.type == "cuda":
@@ -926,18 +981,25 @@ def default_data_dir() -> str:
     return os.environ.get("DATA_DIR") or "data"
 
 
+def dataset_kind(name: str) -> str:
+    """"toy", "binary" or "8bit" from the name alone, so a model file can refuse a dataset before loading it."""
+    if name in TOY_DATASETS:
+        return "toy"
+    if name not in IMAGE_DATASETS:
+        known = ", ".join(IMAGE_DATASETS + TOY_DATASETS)
+        raise DataError(f"unknown dataset '{name}'; known: {known}")
+    return "binary" if "binarized" in name else "8bit"
+
+
 def load_dataset(name: str, data_dir: str = "", device: torch.device | str = "cpu", dist: Dist | None = None
                  ) -> Data:
     """Load a dataset by name (downloading it once, on rank 0) and put it on `device`."""
     data_dir = data_dir or default_data_dir()
     dist = dist or Dist()
-    if name in TOY_DATASETS:
+    if dataset_kind(name) == "toy":
         train = toy_sample(name, TOY_TRAIN_SIZE, torch.Generator().manual_seed(1))
         test = toy_sample(name, TOY_TEST_SIZE, torch.Generator().manual_seed(2))
         return Data(name, "toy", train.to(device), None, test.to(device), None, entropy=TOY_ENTROPY[name])
-    if name not in IMAGE_DATASETS:
-        known = ", ".join(IMAGE_DATASETS + TOY_DATASETS)
-        raise DataError(f"unknown dataset '{name}'; known: {known}")
     if dist.is_main:
         arrays = load_arrays(name, data_dir)
     barrier(dist)
@@ -947,7 +1009,7 @@ def load_dataset(name: str, data_dir: str = "", device: torch.device | str = "cp
     tensors = {k: None if v is None else torch.from_numpy(v) for k, v in arrays.items()}
     train_x = tensors["train_x"].float().div_(as_float)
     test_x = tensors["test_x"].float().div_(as_float)
-    kind = "binary" if "binarized" in name else "8bit"
+    kind = dataset_kind(name)
     if name == "binarized_mnist":  # fixed test binarization so evaluations are comparable across runs
         test_x = torch.bernoulli(test_x, generator=torch.Generator().manual_seed(TEST_BINARIZATION_SEED))
 
@@ -1049,7 +1111,10 @@ def png_bytes(image: np.ndarray) -> bytes:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or missing folder: name the file we meant to write
+        raise OSError(e.errno, e.strerror, str(path)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual permissions
@@ -1057,8 +1122,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # e.g. a full disk: the file at `path`, if any, is unchanged
+            raise OSError(e.errno, f"{e.strerror} (an earlier file there is unchanged)", str(path)) from None
         raise
 
 
@@ -1093,7 +1160,8 @@ def save_heatmap(path: str | Path, values: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Fields that may change when a run is resumed; any other difference means another model or objective.
 RESUMABLE_FIELDS = {"steps", "epochs", "resume", "overwrite", "device", "out", "data_dir", "log_every",
-                    "ckpt_every", "eval_every", "eval_k", "eval_n", "amp", "quick"}
+                    "ckpt_every", "eval_every", "eval_k", "eval_n", "amp", "quick", "threads", "compile",
+                    "channels_last"}
 
 
 def rng_state() -> dict:
@@ -1118,15 +1186,66 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:  # a full or read-only disk: the last good checkpoint stays as it was
+        raise RunError(f"cannot save the checkpoint {path}: {e.strerror}") from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated file, a foreign pickle, ...: one readable line
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"cannot read checkpoint {path}: {first_line}") from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:  # missing, a folder, unreadable: the file system's own reason
+        raise RunError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except Exception as e:  # a truncated file, a foreign pickle: torch's hint to load unsafely is not for us
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = "it holds objects other than tensors and plain values" if "weights_only" in first else first
+        raise RunError(f"cannot read checkpoint {path}: not a valid checkpoint of this project ({reason})") from None
+    if not isinstance(ckpt, dict):
+        raise RunError(f"cannot read checkpoint {path}: not a valid checkpoint of this project (not a dict)")
+    return ckpt
+
+
+class _Stop:
+    """Ctrl-C and SIGTERM for the whole command. Inside a training loop the first one asks the loop to stop
+    after the current step (it checkpoints, then raises Interrupted); anywhere else (loading data, an
+    evaluation), and for the second Ctrl-C always, Interrupted is raised at once. The last checkpoint is kept."""
+
+    requested, in_loop, installed = False, False, 0
+    run: "Run | None" = None
+
+    @classmethod
+    def where(cls) -> str:
+        run = cls.run
+        if run is None or not run.checkpoint_path.exists():
+            return "no checkpoint had been written yet"
+        return f"the checkpoint {run.checkpoint_path} is kept: --resume continues from it"
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if cls.in_loop and not cls.requested:
+            cls.requested = True
+            print(f"{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+            return
+        raise Interrupted(f"{name}; {cls.where()}")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Install _Stop's handler for SIGINT and SIGTERM (main thread only; nested uses share one)."""
+    if threading.current_thread() is not threading.main_thread() or _Stop.installed:
+        yield
+        return
+    _Stop.requested, _Stop.installed = False, 1
+    old = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        _Stop.installed, _Stop.in_loop = 0, False
 
 
 class Run:
@@ -1134,7 +1253,8 @@ class Run:
 
     It owns what every training loop needs around the model: refusing to clobber an earlier run, restoring
     model, optimizer, EMA weights, step and RNG states on `--resume`, periodic and interrupt checkpoints, a
-    NaN check before every checkpoint, a progress bar and plain log lines.
+    NaN check before every checkpoint, a progress bar and plain log lines. A refused start changes nothing in
+    the folder: on --resume the folder is touched only once the checkpoint has loaded and fits the budget.
     """
 
     def __init__(self, args, model_name: str, dist: Dist, model: nn.Module, optimizer=None, ema=None,
@@ -1144,27 +1264,56 @@ class Run:
         self.resumable = RESUMABLE_FIELDS | set(resumable)
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.config = dataclasses.asdict(args)
-        self.dir = Path(args.out or f"runs/{model_name}-{args.dataset}")
+        quick = "-quick" if getattr(args, "quick", False) else ""  # quick runs never collide with real ones
+        self.dir = Path(args.out or f"runs/{model_name}-{args.dataset}{quick}")
         self.checkpoint_path = self.dir / "checkpoint.pt"
         self.state: dict = {}  # extra training state a model file wants checkpointed (plain python values)
         self._sums: dict[str, torch.Tensor] = {}
-        self._count, self._first_bad, self._last = 0, None, {}
-        self._stop_requested, self._t0 = False, time.time()
+        self._count, self._first_bad = 0, None
+        self._t0, self._bar_t, self._resumed = time.time(), 0.0, None
         if dist.is_main:
-            self._prepare_folder()
+            self._check_folder()
+            if not args.resume:
+                self._start_fresh()
         barrier(dist)
+        _Stop.run = self
+        self.print(f"run folder: {self.dir}" + (" (resuming)" if args.resume else ""))
 
-    def _prepare_folder(self) -> None:
-        holds_run = (self.dir / "config.json").exists() or self.checkpoint_path.exists()
+    def _check_folder(self) -> None:
+        """Refuse, before writing anything, a --resume with nothing to resume and a start over an earlier run.
+        A folder without a checkpoint (a first attempt that failed before its first checkpoint) is not a run."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunError(f"--out {self.dir} is a file, not a folder")
         if self.args.resume and not self.checkpoint_path.exists():
             raise RunError(f"--resume: there is no checkpoint to resume in {self.dir}")
-        if holds_run and not (self.args.resume or self.args.overwrite):
+        if self.checkpoint_path.exists() and not (self.args.resume or self.args.overwrite):
             raise RunError(f"{self.dir} already holds a run: pass --resume to continue it, --overwrite to "
                            f"start again, or --out to write elsewhere")
+
+    def _start_fresh(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.args.overwrite and not self.args.resume:
-            for name in ("checkpoint.pt", "metrics.jsonl"):
-                (self.dir / name).unlink(missing_ok=True)
+        for name in ("checkpoint.pt", "metrics.jsonl"):  # --overwrite, or what a failed attempt left
+            (self.dir / name).unlink(missing_ok=True)
+        self._remove_temporary_files()
+        atomic_write_bytes(self.dir / "config.json", json.dumps(self.config, indent=2).encode())
+
+    def _remove_temporary_files(self) -> None:
+        """The `.NAME.*.tmp` files of writes that a kill interrupted (atomic_write_bytes names them so)."""
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def _continue_resumed(self, step: int, metrics_bytes: int | None) -> None:
+        """The resumed run's first writes: its config, no stale temporary files, and metrics.jsonl cut back to
+        what it held when the checkpoint was saved (so no step appears twice)."""
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            if metrics_bytes is None:  # a checkpoint from before metrics_bytes was saved: cut by step
+                lines = [ln for ln in path.read_text().splitlines(True) if json.loads(ln)["step"] <= step]
+                atomic_write_bytes(path, "".join(lines).encode())
+            elif path.stat().st_size > metrics_bytes:
+                with open(path, "r+b") as f:
+                    f.truncate(metrics_bytes)
+        self._remove_temporary_files()
         atomic_write_bytes(self.dir / "config.json", json.dumps(self.config, indent=2).encode())
 
     # -- checkpoints ------------------------------------------------------------------------------------
@@ -1172,8 +1321,10 @@ class Run:
         """Checkpoint the state *before* `step` (i.e. after step - 1 finished): rank 0 only."""
         if not self.dist.is_main:
             return
+        metrics = self.dir / "metrics.jsonl"
         state = {"model_name": self.model_name, "config": self.config, "step": step,
-                 "model": self.model.state_dict(), "rng": rng_state(), "state": self.state}
+                 "model": self.model.state_dict(), "rng": rng_state(), "state": self.state,
+                 "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.ema is not None:
@@ -1200,6 +1351,7 @@ class Run:
         else:  # other ranks' streams are not saved: give them fresh ones derived from the step
             seed_everything(self.args.seed + self.dist.rank + 7919 * ckpt["step"])
         self.state.update(ckpt.get("state", {}))
+        self._resumed = (ckpt["step"], ckpt.get("metrics_bytes"))
         self.print(f"resumed {self.checkpoint_path} at step {ckpt['step']}")
         return ckpt["step"]
 
@@ -1212,58 +1364,59 @@ class Run:
                    if k not in self.resumable and saved.get(k) != v]
         if changed:
             raise RunError(f"checkpoint {self.checkpoint_path} is incompatible with this run: "
-                           f"{'; '.join(changed)} (rerun with the flags in {self.dir / 'config.json'})")
+                           f"{'; '.join(changed)} (rerun with those flags, as in {self.dir / 'config.json'})")
 
     # -- the training loop ------------------------------------------------------------------------------
     def steps(self, start: int, total: int, items_per_step: int = 0):
         """Yield the steps start..total-1 with a progress bar; checkpoint periodically, at the end, and on
         Ctrl-C/SIGTERM (then raise Interrupted). Every checkpoint follows a check that the loss is finite."""
+        if start > total:
+            raise RunError(f"the checkpoint in {self.dir} is at step {start}, past this run's {total} steps: "
+                           f"resume with a budget of at least {start} steps, or start again with --overwrite")
+        if self._resumed is not None and self.dist.is_main:
+            self._continue_resumed(*self._resumed)
         bar = None
         if tqdm is not None and self.dist.is_main and sys.stderr.isatty():
             bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step")
         self._rate_t, self._rate_step, self._items = time.time(), start, items_per_step
-        handlers = self._install_signal_handlers()
-        try:
-            for step in range(start, total):
-                yield step
+        with stop_on_signals():
+            try:
+                for step in range(start, total):
+                    _Stop.in_loop = True
+                    yield step
+                    if bar is not None:
+                        self._update_bar(bar)
+                    if self._stop_now(step):
+                        self._flush(step)
+                        self.save(step + 1)
+                        raise Interrupted(f"stopped at step {step + 1}; checkpoint saved in {self.checkpoint_path}, "
+                                          f"continue with --resume")
+                    if (step + 1) % self.args.log_every == 0 or (step + 1) % self.args.ckpt_every == 0:
+                        self._flush(step)
+                    if (step + 1) % self.args.ckpt_every == 0:
+                        self.save(step + 1)
+                self._flush(total - 1)
+                if total > start:
+                    self.save(total)
+            finally:
+                _Stop.in_loop = False
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(self._last, refresh=False)
-                if self._stop_now(step):
-                    self._flush(step)
-                    self.save(step + 1)
-                    raise Interrupted(f"stopped at step {step + 1}; checkpoint saved in {self.checkpoint_path}, "
-                                      f"continue with --resume")
-                if (step + 1) % self.args.log_every == 0 or (step + 1) % self.args.ckpt_every == 0:
-                    self._flush(step)
-                if (step + 1) % self.args.ckpt_every == 0:
-                    self.save(step + 1)
-            self._flush(total - 1)
-            if total > start:
-                self.save(total)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            if bar is not None:
-                bar.close()
+                    bar.close()
 
-    def _install_signal_handlers(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def request_stop(signum, frame):
-            if self._stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once, without a checkpoint
-            self._stop_requested = True
-
-        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def _update_bar(self, bar) -> None:
+        """One step on the bar; the running mean loss of this log interval at most once a second (one sync)."""
+        bar.update(1)
+        now = time.time()
+        if now - self._bar_t >= 1.0 and self._count and "loss" in self._sums:
+            self._bar_t = now
+            bar.set_postfix(loss=f"{self._sums['loss'].item() / self._count:.4g}", refresh=False)
 
     def _stop_now(self, step: int) -> bool:
         if not self.dist.enabled:
-            return self._stop_requested
+            return _Stop.requested
         if (step + 1) % self.args.log_every:  # ranks agree on stopping only at log steps, to stay in lockstep
             return False
-        flag = torch.tensor([float(self._stop_requested)], device=self._device())
+        flag = torch.tensor([float(_Stop.requested)], device=self._device())
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -1292,7 +1445,6 @@ class Run:
         rate = (step + 1 - self._rate_step) * self._items / max(now - self._rate_t, 1e-9)
         self._rate_t, self._rate_step = now, step + 1
         self._sums, self._count, self._first_bad = {}, 0, None
-        self._last = {k: f"{v:.4g}" for k, v in means.items() if k == "loss"}
         if self._items:
             means["items_per_s"] = rate
         self.log("train", step + 1, means)
@@ -1322,22 +1474,35 @@ class Run:
 
 
 def _fmt(value) -> str:
-    """Four decimals for losses and rates, none for large counts like images/s."""
+    """For reading: whole numbers without decimals, rates and large values with one or none, the rest four."""
     if not isinstance(value, float):
         return str(value)
-    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
 def cli(train, args_cls: type, presets: dict[str, dict] | None = None, argv: list[str] | None = None) -> None:
-    """Parse arguments, train, and turn the expected failures into one clear line and an exit code."""
+    """Parse arguments, train, and turn the expected failures into one clear line and an exit code:
+    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM."""
     args = parse_args(args_cls, argv, presets)
+    _Stop.run = None
     try:
-        train(args)
+        with stop_on_signals():
+            train(args)
+        if _Stop.run is not None and Dist(int(os.environ.get("RANK", 0))).is_main:
+            print(f"run folder: {_Stop.run.dir}", file=sys.stderr)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+    except OSError as e:  # the file system: a read-only or full disk, a file where a folder should be, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e or 'Ctrl-C'}", file=sys.stderr)
         sys.exit(130)
     finally:
         cleanup()

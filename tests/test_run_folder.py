@@ -1,0 +1,322 @@
+"""Bad input, refused starts and interruptions: what common's Args bridge, Run and cli promise a user."""
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import common
+from helpers import ROOT
+
+
+@dataclass
+class Args:
+    dataset: str = "8gaussians"  # which data
+    width: int = 64  # hidden units; >= 1
+    lr: float = 1e-3  # learning rate; > 0
+    decay: float = 0.99  # EMA decay; in [0, 1)
+    mults: tuple[int, ...] = (1, 2)  # channel multipliers; >= 1
+    steps: int = 10  # total steps; >= 0
+    log_every: int = 5  # log interval; >= 1
+    ckpt_every: int = 5  # checkpoint interval; >= 1
+    seed: int = 0  # seed
+    device: str = "cpu"  # device
+    out: str = ""  # run folder
+    resume: bool = False  # continue
+    overwrite: bool = False  # start again
+    quick: bool = False  # small
+
+
+class Foreign:
+    """An object that a weights_only load refuses to build."""
+
+
+# ---------------------------------------------------------------------------------------------- flag ranges
+@pytest.mark.parametrize("comment, inside, outside", [
+    ("units; >= 1", [1, 7], [0, -5]),
+    ("rate; > 0", [1e-9, 3.0], [0.0, -1.0, float("nan"), float("inf")]),
+    ("decay; in [0, 1)", [0.0, 0.5], [1.0, 2.0, -0.1]),
+    ("eta; in [0, 1]", [0.0, 1.0], [1.5]),
+    ("p; in (0, 1)", [0.5], [0.0, 1.0]),
+])
+def test_field_bounds_from_the_comment(comment, inside, outside):
+    bound = common.field_bound(comment)
+    assert all(v in bound for v in inside) and not any(v in bound for v in outside)
+    assert common.field_bound("plain help text") is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--width", "0"], "argument --width: must be >= 1 (got 0)"),
+    (["--lr", "-1"], "argument --lr: must be > 0 (got -1.0)"),
+    (["--lr", "nan"], "argument --lr: must be > 0 (got nan)"),
+    (["--decay", "2"], "argument --decay: must be in [0, 1) (got 2.0)"),
+    (["--mults", "1", "0"], "argument --mults: must be >= 1 (got 0)"),
+    (["--steps", "-10"], "argument --steps: must be >= 0 (got -10)"),
+])
+def test_out_of_range_values_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        common.parse_args(Args, argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] == [f"{os.path.basename(sys.argv[0])}: error: "
+                                                                       f"{message}"]
+    assert common.parse_args(Args, ["--width", "1", "--decay", "0"]).width == 1  # the edges that are valid pass
+
+
+def test_help_shows_the_range():
+    parser_text = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--help"], capture_output=True, text=True)
+    assert parser_text.returncode == 0 and "per process (paper: 100); >= 1 (default: 128)" in " ".join(parser_text.stdout.split())
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def _run(folder, **changes):
+    args = dataclasses.replace(Args(), out=str(folder), **changes)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    return common.Run(args, "toymodel", common.Dist(), model, optimizer), model, optimizer
+
+
+def _train(run, model, optimizer, start, total):
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    for step in run.steps(start, total):
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        run.log_train(step, {"loss": loss})
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_refused_resume_changes_nothing_in_the_folder(tmp_path):
+    run, model, optimizer = _run(tmp_path / "run")
+    _train(run, model, optimizer, 0, 10)
+    before = _snapshot(tmp_path / "run")
+    refused, *_ = _run(tmp_path / "run", resume=True, width=128)
+    with pytest.raises(common.RunError, match="width=64 in the checkpoint but 128 now"):
+        refused.restore()
+    assert _snapshot(tmp_path / "run") == before  # config.json still holds the checkpoint's flags
+    short, model, optimizer = _run(tmp_path / "run", resume=True, steps=5)
+    assert short.restore() == 10
+    with pytest.raises(common.RunError, match="at step 10, past this run's 5 steps"):
+        _train(short, model, optimizer, 10, 5)
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_a_folder_without_a_checkpoint_is_not_a_run(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"width": 3}))  # a first attempt that failed early
+    (folder / "metrics.jsonl").write_text('{"split": "train", "step": 5, "loss": 1.0}\n')
+    run, model, optimizer = _run(folder)
+    assert json.loads((folder / "config.json").read_text())["width"] == 64
+    assert not (folder / "metrics.jsonl").exists()
+    _train(run, model, optimizer, 0, 5)
+    assert common.load_checkpoint(folder / "checkpoint.pt")["step"] == 5
+
+
+def test_resume_removes_temporary_files_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    run, model, optimizer = _run(folder)
+    _train(run, model, optimizer, 0, 10)
+    with open(folder / "metrics.jsonl", "a") as f:  # what a run killed after its checkpoint had logged
+        f.write(json.dumps({"split": "train", "step": 15, "loss": 0.5}) + "\n")
+    for i in range(3):
+        (folder / f".checkpoint.pt.x{i}.tmp").write_bytes(b"partial")
+    resumed, model, optimizer = _run(folder, resume=True, steps=20)
+    start = resumed.restore()
+    _train(resumed, model, optimizer, start, 20)
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    run, model, optimizer = _run(folder)
+    _train(run, model, optimizer, 0, 5)
+    good = (folder / "checkpoint.pt").read_bytes()
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.os, "fdopen", Full)
+    with pytest.raises(common.RunError, match="cannot save the checkpoint .*: No space left on device .an earlier file there is unchanged"):
+        run.save(7)
+    assert (folder / "checkpoint.pt").read_bytes() == good and not list(folder.glob(".*.tmp"))
+
+
+def test_garbage_checkpoint_is_named_without_torchs_unsafe_hint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"f": Foreign()}, path)  # a pickle that weights_only refuses
+    with pytest.raises(common.RunError) as info:
+        common.load_checkpoint(path)
+    assert "not a valid checkpoint" in str(info.value) and "weights_only" not in str(info.value)
+    path.write_bytes(b"garbage")
+    with pytest.raises(common.RunError, match="not a valid checkpoint"):
+        common.load_checkpoint(path)
+
+
+def test_quick_runs_get_their_own_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run, *_ = _run("", quick=True)
+    assert run.dir.as_posix() == "runs/toymodel-8gaussians-quick"
+    assert _run("")[0].dir.as_posix() == "runs/toymodel-8gaussians"
+
+
+@pytest.mark.parametrize("value, text", [(132.0009, "132.0"), (14.0, "14"), (3.14159, "3.1416"),
+                                         (12345.6, "12346"), (7, "7")])
+def test_logged_numbers_are_rounded_for_reading(value, text):
+    assert common._fmt(value) == text
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+SCRIPT = textwrap.dedent('''
+    import sys, time
+    from dataclasses import dataclass
+    sys.path.insert(0, {root!r})
+    import torch
+    import common
+
+    @dataclass
+    class Args:
+        dataset: str = "8gaussians"  # data
+        steps: int = 100000  # steps; >= 0
+        step_sleep: float = 0.01  # seconds per step; >= 0
+        slow_step: int = -1  # this step sleeps a minute
+        eval_sleep: float = 60.0  # seconds of evaluation; >= 0
+        log_every: int = 10  # log interval; >= 1
+        ckpt_every: int = 100000  # checkpoint interval; >= 1
+        seed: int = 0  # seed
+        device: str = "cpu"  # device
+        out: str = ""  # run folder
+        resume: bool = False  # continue
+        overwrite: bool = False  # start again
+
+    def train(args):
+        dist, device = common.setup(args)
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        run = common.Run(args, "toymodel", dist, model, optimizer, resumable=("eval_sleep",))
+        start = run.restore()
+        for step in run.steps(start, args.steps):
+            if step == start:
+                print("training", flush=True)
+            time.sleep(60 if step == args.slow_step else args.step_sleep)
+            loss = model(torch.ones(1, 2)).pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.log_train(step, {{"loss": loss}})
+        print("evaluating", flush=True)
+        time.sleep(args.eval_sleep)
+        print("eval test nll_nats=1.0", flush=True)
+
+    common.cli(train, Args)
+''')
+
+
+def _start(tmp_path, *flags):
+    script = tmp_path / "toy_script.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    return subprocess.Popen([sys.executable, str(script), "--out", str(tmp_path / "run"), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(proc, word):
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if word in line:
+            return
+        assert line or proc.poll() is None, proc.stderr.read()
+    raise AssertionError(f"no {word!r} line within a minute")
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    return proc.returncode, [line for line in err.splitlines() if line.strip()]
+
+
+def test_first_ctrl_c_is_acknowledged_and_stops_after_the_step_with_a_checkpoint(tmp_path):
+    proc = _start(tmp_path)
+    _wait_for(proc, "training")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    code, err = _finish(proc)
+    assert code == 130
+    assert err[0].startswith("Ctrl-C: stopping after this step") and "Ctrl-C again to abort" in err[0]
+    assert err[-1].startswith("interrupted: stopped at step ") and "--resume" in err[-1] and len(err) == 2
+    assert common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] > 0
+
+
+def test_second_ctrl_c_aborts_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    proc = _start(tmp_path, "--steps", "20", "--ckpt-every", "5", "--slow-step", "12")
+    _wait_for(proc, "training")
+    time.sleep(1.0)  # inside the minute-long step 12, after the step-10 checkpoint
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    code, err = _finish(proc)
+    assert code == 130 and len(err) == 2 and err[-1].startswith("interrupted: Ctrl-C; the checkpoint ")
+    assert common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 10
+
+
+def test_sigterm_during_the_final_evaluation_exits_130_and_resume_reruns_only_the_evaluation(tmp_path):
+    proc = _start(tmp_path, "--steps", "5")
+    _wait_for(proc, "evaluating")
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finish(proc)
+    assert code == 130 and len(err) == 1 and err[0].startswith("interrupted: SIGTERM; the checkpoint ")
+    assert common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 5
+    resumed = _start(tmp_path, "--steps", "5", "--resume", "--eval-sleep", "0")
+    out, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0 and "training" not in out and out.strip().endswith("eval test nll_nats=1.0")
+    assert "run folder:" in err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: (tmp / "run").write_text("a file"), "is a file, not a folder"),
+    (lambda tmp: (tmp / "blocker").write_text("a file"), "Not a directory: "),
+])
+def test_file_system_errors_are_one_line(tmp_path, make, message):
+    make(tmp_path)
+    out = tmp_path / ("blocker/run" if (tmp_path / "blocker").exists() else "run")
+    proc = _start(tmp_path, "--steps", "5", "--eval-sleep", "0", "--out", str(out))
+    code, err = _finish(proc)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    os.chmod(tmp_path / "run", 0o500)
+    try:
+        code, err = _finish(_start(tmp_path, "--steps", "5", "--eval-sleep", "0"))
+    finally:
+        os.chmod(tmp_path / "run", 0o700)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: Permission denied: ") and err[0].endswith("config.json")
