@@ -45,42 +45,43 @@ import common
 @dataclass
 class Args:
     dataset: str = "cifar10"  # an 8-bit image dataset (cifar10, mnist, fashion_mnist) or a 2D toy (see README)
-    timesteps: int = 1000  # T, the number of diffusion steps
+    timesteps: int = 1000  # T, the number of diffusion steps; >= 2
     schedule: Literal["linear", "cosine"] = "linear"  # linear: beta_1 = 1e-4 .. beta_T = 0.02 (paper); cosine: Nichol & Dhariwal 2021
     variance: Literal["beta", "posterior"] = "beta"  # reverse variance sigma_t^2: beta_t or beta~_t (posterior)
-    channels: int = 0  # U-Net base channels (0: 128 for 32x32 as in the paper, 64 for 28x28)
-    channel_mult: tuple[int, ...] = ()  # U-Net channel multipliers per resolution (empty: (1, 2, 2, 2) for 32x32, (1, 2, 2) for 28x28)
-    num_res_blocks: int = 2  # residual blocks per resolution
-    attn_res: tuple[int, ...] = ()  # resolutions with self-attention (empty: the second, 16 for 32x32, 14 for 28x28)
-    dropout: float = 0.1  # dropout in the residual blocks
-    hidden: int = 256  # hidden units of the toy MLP
-    steps: int = 0  # optimizer steps (0: 800,000 for 32x32 as in the paper, 50,000 for 28x28, 20,000 for toys)
-    batch_size: int = 128  # minibatch per process
-    lr: float = 2e-4  # Adam learning rate
-    warmup: int = 5000  # steps of linear learning-rate warm-up
-    grad_clip: float = 1.0  # clip the gradient norm at this value (0: off)
-    ema_decay: float = 0.9999  # EMA of the weights, used for sampling and evaluation
+    channels: int = 0  # U-Net base channels (0: 128 for 32x32 as in the paper, 64 for 28x28); >= 0
+    channel_mult: tuple[int, ...] = ()  # U-Net channel multipliers per resolution (empty: (1, 2, 2, 2) for 32x32, (1, 2, 2) for 28x28); >= 1
+    num_res_blocks: int = 2  # residual blocks per resolution; >= 1
+    attn_res: tuple[int, ...] = ()  # resolutions with self-attention (empty: the second, 16 for 32x32, 14 for 28x28); >= 1
+    dropout: float = 0.1  # dropout in the residual blocks; in [0, 1)
+    hidden: int = 256  # hidden units of the toy MLP; >= 1
+    steps: int = 0  # optimizer steps (0: 800,000 for 32x32 as in the paper, 50,000 for 28x28, 20,000 for toys); >= 0
+    batch_size: int = 128  # minibatch per process; >= 1
+    lr: float = 2e-4  # Adam learning rate; > 0
+    warmup: int = 5000  # steps of linear learning-rate warm-up; >= 0
+    grad_clip: float = 1.0  # clip the gradient norm at this value (0: off); >= 0
+    ema_decay: float = 0.9999  # EMA of the weights, used for sampling and evaluation; in [0, 1)
     sampler: Literal["ancestral", "ddim"] = "ancestral"  # pictures: Algorithm 2, or DDIM (Song et al. 2021)
-    sample_steps: int = 0  # DDIM steps (0: T)
-    eta: float = 0.0  # DDIM eta: 0 deterministic, 1 ancestral with the posterior variance
-    eval_t: int = 0  # timesteps per test example in the final bound (0: all T, exact; fewer: stratified)
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between evaluations and sample grids (0: ten per run)
+    sample_steps: int = 0  # DDIM steps (0: T); >= 0
+    eta: float = 0.0  # DDIM eta: 0 deterministic, 1 ancestral with the posterior variance; in [0, 1]
+    eval_t: int = 0  # timesteps per test example in the final bound (0: all T, exact; fewer: stratified); >= 0
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between evaluations and sample grids (0: ten per run); >= 0
     fid: bool = False  # final FID against the training set (needs the pytorch-fid package)
-    fid_n: int = 50_000  # samples (and training images) for FID
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 5000  # steps between checkpoints
-    seed: int = 0  # random seed
+    fid_n: int = 50_000  # samples (and training images) for FID; >= 2
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 5000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/ddpm-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # minutes on a CPU: a small U-Net (or the MLP), 1000 steps of 64, DDIM pictures, 50 strata
+    quick: bool = False  # minutes on a CPU: mnist (or --dataset), a small U-Net (or the MLP), 1000 steps of 64, DDIM pictures, 50 strata
 
 
-QUICK = dict(steps=1000, batch_size=64, channels=32, channel_mult=(1, 2), num_res_blocks=1, warmup=100, eval_n=500,
+QUICK = dict(dataset="mnist", steps=1000, batch_size=64, channels=32, channel_mult=(1, 2), num_res_blocks=1, warmup=100, eval_n=500,
              eval_t=50, eval_every=1000, sampler="ddim", sample_steps=50, log_every=100, ckpt_every=1000)
 PERIODIC_EVAL_T = 20  # stratified timesteps per example in the evaluations during training
 ROWS_PER_CHUNK = 4096  # (example, t) pairs per network call in the bound (toys; images use ROWS_PER_CHUNK // 16)
@@ -581,10 +582,11 @@ def train(args: Args) -> dict:
             import pytorch_fid  # noqa: F401
         except ImportError:
             raise common.RunError("--fid needs the Inception network of pytorch-fid: pip install pytorch-fid") from None
-    data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    if data.kind == "binary" or (args.fid and data.kind == "toy"):
+    kind = common.dataset_kind(args.dataset)  # refused before any data is read or downloaded
+    if kind == "binary" or (args.fid and kind == "toy"):
         raise common.DataError(f"ddpm.py models 8-bit images and 2D toys (FID for images only), not "
-                               f"{'FID of ' if args.fid else ''}{data.name}; try --dataset mnist")
+                               f"{'FID of ' if args.fid else ''}{args.dataset}; try --dataset mnist")
+    data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = build_model(data, args).to(device)
     ema = EMA(model, args.ema_decay)
     optimizer = common.adam(model.parameters(), lr=args.lr)

@@ -65,43 +65,44 @@ class Args:
     model: Literal["jem", "ebm"] = "jem"  # jem: E(x) = -logsumexp f(x) of a classifier; ebm: a scalar E(x)
     dataset: str = "mnist"  # an image dataset (jem needs labels) or a 2D toy (ebm only)
     arch: Literal["conv", "mlp"] = "conv"  # images: conv or mlp; 2D toys always use the MLP
-    hidden: int = 128  # MLP width; the CNN's widest layer has hidden / 2 channels
+    hidden: int = 128  # MLP width (the CNN's widest layer has hidden / 2 channels); >= 2
     spectral_norm: bool = False  # spectral normalization of every layer (Du & Mordatch 2019, Sec. 3.3)
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 64  # data minibatch and SGLD chains per step (JEM: 64)
-    lr: float = 1e-4  # Adam learning rate (JEM: 1e-4)
+    steps: int = 2000  # optimizer steps; >= 0
+    batch_size: int = 64  # data minibatch and SGLD chains per step (JEM: 64); >= 1
+    lr: float = 1e-4  # Adam learning rate (JEM: 1e-4); > 0
     lr_decay: bool = False  # cosine decay of the learning rate to 0 over --steps (not in the papers)
-    energy_reg: float = 0.0  # alpha of the L2 penalty alpha (E(x+)^2 + E(x-)^2) (Du & Mordatch: 1; JEM: 0)
-    sgld_steps: int = 20  # SGLD steps per training step (JEM: 20)
-    sgld_step: float = 2.0  # SGLD step size in x <- x - (step/2) grad E + noise eps (JEM's code: 2, see above)
-    sgld_noise: float = 0.01  # std of the SGLD noise (JEM: 0.01; Langevin proper: sqrt(step))
-    buffer_size: int = 10000  # replay buffer size (JEM: 10000)
-    reinit: float = 0.05  # fraction of chains re-initialized from noise each step (JEM, Du & Mordatch: 0.05)
-    data_noise: float = 0.03  # std of Gaussian noise added to training data in [-1, 1] units (JEM: 0.03)
-    grid_lim: float = 5.0  # 2D toys: the model lives on the box [-lim, lim]^2 (covers every toy set)
-    grid_n: int = 500  # 2D toys: grid cells per side for log Z
-    max_energy: float = 1e4  # divergence guard: stop when any |E| of data or samples exceeds this
+    energy_reg: float = 0.0  # alpha of the L2 penalty alpha (E(x+)^2 + E(x-)^2) (Du & Mordatch: 1; JEM: 0); >= 0
+    sgld_steps: int = 20  # SGLD steps per training step (JEM: 20); >= 1
+    sgld_step: float = 2.0  # SGLD step size in x <- x - (step/2) grad E + noise eps (JEM's code: 2, see above); > 0
+    sgld_noise: float = 0.01  # std of the SGLD noise (JEM: 0.01; Langevin proper: sqrt(step)); >= 0
+    buffer_size: int = 10000  # replay buffer size (JEM: 10000); >= 1
+    reinit: float = 0.05  # fraction of chains re-initialized from noise each step (JEM, Du & Mordatch: 0.05); in [0, 1]
+    data_noise: float = 0.03  # std of Gaussian noise added to training data in [-1, 1] units (JEM: 0.03); >= 0
+    grid_lim: float = 5.0  # 2D toys: the model lives on the box [-lim, lim]^2 (covers every toy set); > 0
+    grid_n: int = 500  # 2D toys: grid cells per side for log Z; >= 2
+    max_energy: float = 1e4  # divergence guard: stop when any |E| of data or samples exceeds this; > 0
     compose: bool = False  # also sample a sum of energies to compose.png (see the module docstring)
-    compose_classes: tuple[int, ...] = (1, 7)  # JEM: the classes whose energies are added
-    compose_weight: float = 10.0  # 2D: weight w of the constraint energy w * relu(-x_2)^2
-    sample_steps: int = 100  # SGLD steps of the fresh chains drawn for the pictures
+    compose_classes: tuple[int, ...] = (1, 7)  # JEM: the classes whose energies are added; in [0, 9]
+    compose_weight: float = 10.0  # 2D: weight w of the constraint energy w * relu(-x_2)^2; >= 0
+    sample_steps: int = 100  # SGLD steps of the fresh chains drawn for the pictures; >= 0
     ood: tuple[str, ...] = ("noise", "fashion_mnist")  # images: OOD sets scored against the test set
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: only at the end)
-    log_every: int = 100  # steps between log lines (and divergence checks)
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: only at the end); >= 0
+    log_every: int = 100  # steps between log lines (and divergence checks); >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda (the loss forward only; SGLD stays in float32)
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/ebm_jem-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # a few seconds on a CPU: 20 steps of 5 SGLD steps, 200 test images, small grid
+    quick: bool = False  # a few seconds on a CPU: 20 steps of 5 SGLD steps, 200 test images, small grid, OOD noise only
 
 
 QUICK = dict(steps=20, batch_size=32, sgld_steps=5, buffer_size=500, eval_n=200, eval_every=0, log_every=10,
-             ckpt_every=20, sample_steps=10, grid_n=100)
+             ckpt_every=20, sample_steps=10, grid_n=100, ood=("noise",))
 # fields that only change evaluation, pictures or the divergence check: they may change on --resume
 RESUMABLE = ("max_energy", "compose", "compose_classes", "compose_weight", "sample_steps", "ood", "grid_n")
 NUM_CLASSES = 10

@@ -52,31 +52,32 @@ import common
 @dataclass
 class Args:
     dataset: str = "8gaussians"  # a 2D toy or an 8-bit image dataset (see README)
-    hidden: tuple[int, ...] = (64, 64, 64)  # hidden widths of the network f(z, t) (FFJORD: 64 64 64)
+    hidden: tuple[int, ...] = (64, 64, 64)  # hidden widths of the network f(z, t) (FFJORD: 64 64 64); >= 1
     nonlinearity: Literal["softplus", "tanh"] = "softplus"  # activation of f (FFJORD: softplus)
-    blocks: int = 1  # stacked CNFs (images: per scale, before and after each squeeze; FFJORD MNIST: 2)
-    time_length: float = 1.0  # integrate t over [0, T] (FFJORD learns T)
+    blocks: int = 1  # stacked CNFs (images: per scale, before and after each squeeze; FFJORD MNIST: 2); >= 1
+    time_length: float = 1.0  # integrate t over [0, T] (FFJORD learns T); > 0
     solver: str = "dopri5"  # torchdiffeq method: dopri5, bosh3, rk4, euler, ...
-    rtol: float = 1e-5  # solver relative tolerance (FFJORD: 1e-5)
-    atol: float = 1e-5  # solver absolute tolerance (FFJORD: 1e-5)
-    step_size: float = 0.0  # step of fixed-grid solvers such as rk4 (0: the solver's default)
+    rtol: float = 1e-5  # solver relative tolerance (FFJORD: 1e-5); > 0
+    atol: float = 1e-5  # solver absolute tolerance (FFJORD: 1e-5); > 0
+    step_size: float = 0.0  # step of fixed-grid solvers such as rk4 (0: the solver's default); >= 0
     adjoint: bool = False  # gradients by the adjoint ODE (memory O(1) in the steps, more evaluations)
     noise: Literal["rademacher", "gaussian"] = "rademacher"  # Hutchinson probe distribution (FFJORD: rademacher)
     exact_trace: bool = False  # train with the exact trace (D backward passes per evaluation) instead
-    kinetic: float = 0.0  # lambda_K of the kinetic energy int ||f||^2 dt (Finlay et al. 2020: 0.01; 0: off)
-    jacobian: float = 0.0  # lambda_J of the Jacobian Frobenius norm int ||e^T df/dz||^2 dt (RNODE: 0.01; 0: off)
-    alpha: float = 1e-6  # images: logit transform of alpha + (1 - 2 alpha) x (FFJORD: 1e-6)
-    epochs: int = 0  # passes over the training set (0: use --steps)
-    steps: int = 10000  # optimizer steps when --epochs is 0 (FFJORD toys: 10,000)
-    batch_size: int = 200  # minibatch per process (FFJORD: 200)
-    lr: float = 1e-3  # Adam learning rate (FFJORD: 1e-3)
-    warmup: int = 0  # steps of linear learning-rate warm-up (FFJORD images: 1000; 0: off)
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: only at the end)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    kinetic: float = 0.0  # lambda_K of the kinetic energy int ||f||^2 dt (Finlay et al. 2020: 0.01; 0: off); >= 0
+    jacobian: float = 0.0  # lambda_J of the Jacobian Frobenius norm int ||e^T df/dz||^2 dt (RNODE: 0.01; 0: off); >= 0
+    alpha: float = 1e-6  # images: logit transform of alpha + (1 - 2 alpha) x (FFJORD: 1e-6); in [0, 0.5)
+    epochs: int = 0  # passes over the training set (0: use --steps); >= 0
+    steps: int = 10000  # optimizer steps when --epochs is 0 (FFJORD toys: 10,000); >= 0
+    batch_size: int = 200  # minibatch per process (FFJORD: 200); >= 1
+    lr: float = 1e-3  # Adam learning rate (FFJORD: 1e-3); > 0
+    warmup: int = 0  # steps of linear learning-rate warm-up (FFJORD images: 1000; 0: off); >= 0
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: only at the end); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/ffjord-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint

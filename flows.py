@@ -76,24 +76,25 @@ class Args:
     flow: str = "realnvp"  # density: nice, realnvp, glow, maf, iaf, naf, residual; energy: planar, radial, sylvester; images: realnvp, glow; vae: none, planar, radial, sylvester, iaf
     dataset: str = ""  # default by task: 8gaussians, -, mnist, binarized_mnist
     target: Literal["u1", "u2", "u3", "u4"] = "u1"  # energy task: Rezende & Mohamed's Table 1 energy
-    flow_length: int = 0  # layers K (0: by task: 8 for toys, 32 for energy, 8 for the VAE posterior)
-    hidden: int = 0  # hidden units of the MLP nets (0: by task: 64 for toys, 400 for the VAE)
-    levels: int = 2  # images: scales of the multi-scale architecture
-    depth: int = 8  # images: Glow steps (RealNVP: coupling layers) per level (Glow paper: 32)
-    width: int = 64  # images: channels of the coupling nets (Glow paper: 512)
+    flow_length: int = 0  # layers K (0: by task: 8 for toys, 32 for energy, 8 for the VAE posterior); >= 0
+    hidden: int = 0  # hidden units of the MLP nets (0: by task: 64 for toys, 400 for the VAE); >= 0
+    levels: int = 2  # images: scales of the multi-scale architecture; >= 1
+    depth: int = 8  # images: Glow steps (RealNVP: coupling layers) per level (Glow paper: 32); >= 1
+    width: int = 64  # images: channels of the coupling nets (Glow paper: 512); >= 1
     sylvester: Literal["orthogonal", "householder", "triangular"] = "orthogonal"  # van den Berg et al. variant
-    latent: int = 40  # vae: latent dimensions (Rezende & Mohamed: 40)
-    steps: int = 0  # optimizer steps (0: by task: 10000 toys, 20000 energy, 10 epochs images and vae)
-    batch_size: int = 0  # minibatch per process (0: by task: 512 toys, 100 energy, 64 images, 128 vae)
-    lr: float = 1e-3  # Adam learning rate
-    anneal: int = 10000  # energy task: steps over which beta rises from 0.01 to 1 (Rezende & Mohamed)
-    eval_k: int = 1000  # vae: importance samples for the test NLL
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: only at the end)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    latent: int = 40  # vae: latent dimensions (Rezende & Mohamed: 40); >= 1
+    steps: int = 0  # optimizer steps (0: by task: 10000 toys, 20000 energy, 10 epochs images and vae); >= 0
+    batch_size: int = 0  # minibatch per process (0: by task: 512 toys, 100 energy, 64 images, 128 vae); >= 0
+    lr: float = 1e-3  # Adam learning rate; > 0
+    anneal: int = 10000  # energy task: steps over which beta rises from 0.01 to 1 (Rezende & Mohamed); >= 0
+    eval_k: int = 1000  # vae: importance samples for the test NLL; >= 1
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: only at the end); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/flows-<task>-<flow>-<dataset or target>)
@@ -1185,25 +1186,30 @@ def resolve(args: Args) -> Args:
     return replace(args, out=args.out or f"runs/flows-{args.task}-{args.flow}-{args.dataset}")
 
 
-def build(args: Args, data: common.Data | None) -> nn.Module:
+def check_task(args: Args) -> None:
+    """Refuse a flow or a dataset that the task does not take, from the names alone (before any data is read)."""
     flows_of_task = {"density": TOY_FLOWS, "energy": ENERGY_FLOWS, "images": IMAGE_FLOWS, "vae": VAE_FLOWS}
     if args.flow not in flows_of_task[args.task]:
         raise common.RunError(f"--task {args.task} takes --flow {', '.join(flows_of_task[args.task])}, not {args.flow}")
+    kind = None if args.task == "energy" else common.dataset_kind(args.dataset)
+    if args.task == "density" and kind != "toy":
+        raise common.DataError(f"--task density fits the 2D toys, not {args.dataset}; images: --task images")
+    if args.task == "images" and kind != "8bit":
+        raise common.DataError(f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), not {args.dataset}")
+    if args.task == "vae" and kind != "binary":
+        raise common.DataError(f"--task vae needs binarized images, not {args.dataset}")
+
+
+def build(args: Args, data: common.Data | None) -> nn.Module:
+    check_task(args)
     if args.task == "images" and any(n % 2**args.levels for n in data.shape[1:]):
         raise common.RunError(f"images of shape {data.shape} cannot be squeezed {args.levels} times: use fewer --levels")
     if args.task == "density":
-        if data.kind != "toy":
-            raise common.RunError(f"--task density fits the 2D toys, not {args.dataset}; images: --task images")
         return toy_flow(args.flow, 2, args.flow_length, args.hidden)
     if args.task == "energy":
         return energy_flow(args.flow, args.flow_length, args.sylvester)
     if args.task == "images":
-        if data.kind != "8bit":
-            raise common.RunError(f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), "
-                                  f"not {args.dataset}")
         return image_flow(args.flow, data.shape, args.levels, args.depth, args.width)
-    if data.kind != "binary":
-        raise common.RunError(f"--task vae needs binarized images, not {args.dataset}")
     return FlowVAE(data.num_dims, args.latent, args.hidden, args.flow, args.flow_length, args.sylvester)
 
 
@@ -1212,6 +1218,7 @@ def train(args: Args) -> dict:
     dist, device = common.setup(args)
     if args.task == "energy" and dist.enabled:
         raise common.RunError("--task energy has no data to split between processes: run it without torchrun")
+    check_task(args)
     data = None if args.task == "energy" else common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = build(args, data).to(device)
     batches = None

@@ -49,20 +49,21 @@ class Args:
     dataset: str = "binarized_mnist"  # an image dataset or a 2D toy (see README)
     layers: Literal[1, 2] = 1  # stochastic layers: 1: 784-200-200-50; 2: adds 100-100-50 above a 100-unit layer
     objective: Literal["iwae", "vae"] = "iwae"  # iwae: log (1/k) sum_i w_i; vae: (1/k) sum_i log w_i
-    k: int = 5  # samples per example in the training objective (paper: 1, 5 or 50)
+    k: int = 5  # samples per example in the training objective (paper: 1, 5 or 50); >= 1
     dreg: bool = False  # doubly-reparameterized encoder gradient (Tucker et al. 2019); with --objective iwae
     schedule: Literal["constant", "paper"] = "constant"  # paper: 3^i epochs at lr 1e-3 * 10^(-i/7), 3280 in all
-    epochs: int = 10  # passes over the training set with --schedule constant (paper: 3280)
-    steps: int = 0  # stop after this many optimizer steps instead (0: from the epochs)
-    batch_size: int = 20  # minibatch per process (paper: 20)
-    lr: float = 1e-3  # Adam learning rate with --schedule constant (paper: 1e-3 at first)
-    eval_k: int = 5000  # importance samples for the final test log-likelihood (paper: 5000)
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: once per epoch)
-    log_every: int = 500  # steps between log lines
-    ckpt_every: int = 5000  # steps between checkpoints
-    seed: int = 0  # random seed
+    epochs: int = 10  # passes over the training set with --schedule constant (paper: 3280); >= 1
+    steps: int = 0  # stop after this many optimizer steps instead (0: from the epochs); >= 0
+    batch_size: int = 20  # minibatch per process (paper: 20); >= 1
+    lr: float = 1e-3  # Adam learning rate with --schedule constant (paper: 1e-3 at first); > 0
+    eval_k: int = 5000  # importance samples for the final test log-likelihood (paper: 5000); >= 1
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: once per epoch); >= 0
+    log_every: int = 500  # steps between log lines; >= 1
+    ckpt_every: int = 5000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/iwae-<dataset>)

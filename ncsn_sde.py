@@ -69,39 +69,40 @@ class Args:
     method: Literal["ncsn", "sde"] = "sde"  # ncsn: L discrete sigmas (Song & Ermon 2019); sde: continuous time
     sde: Literal["ve", "vp", "subvp"] = "vp"  # the forward SDE of --method sde (Song et al. 2021, Sec. 3.4)
     objective: Literal["dsm", "ssm", "ism"] = "dsm"  # denoising, sliced or implicit score matching
-    num_scales: int = 10  # NCSN: L, the number of sigmas (paper: 10)
-    sigma_min: float = 0.01  # smallest noise level of NCSN and VE (both papers: 0.01)
-    sigma_max: float = 0.0  # largest (0: 1.0 for NCSN on images as in the paper, else the largest distance between two of the first 1000 training examples, Song & Ermon 2020 Technique 1)
-    beta_min: float = 0.1  # VP / sub-VP: beta(0) (paper: 0.1)
-    beta_max: float = 20.0  # VP / sub-VP: beta(1) (paper: 20)
+    num_scales: int = 10  # NCSN: L, the number of sigmas (paper: 10); >= 1
+    sigma_min: float = 0.01  # smallest noise level of NCSN and VE (both papers: 0.01); > 0
+    sigma_max: float = 0.0  # largest (0: 1.0 for NCSN on images as in the paper, else the largest distance between two of the first 1000 training examples, Song & Ermon 2020 Technique 1); >= 0
+    beta_min: float = 0.1  # VP / sub-VP: beta(0) (paper: 0.1); >= 0
+    beta_max: float = 20.0  # VP / sub-VP: beta(1) (paper: 20); > 0
     sampler: Literal["ald", "pc", "em", "ode"] = ""  # pictures (default: ald for --method ncsn, pc for sde)
-    sample_steps: int = 1000  # N, discretization steps of the pc / em samplers (paper: 1000)
-    snr: float = 0.16  # r, signal-to-noise ratio of the Langevin corrector (paper: 0.16)
-    corrector_steps: int = 1  # M, corrector steps per predictor step (0: predictor only)
-    ald_eps: float = 2e-5  # annealed Langevin step epsilon (Song & Ermon 2019: 2e-5)
-    ald_steps: int = 100  # annealed Langevin steps per noise level, T (Song & Ermon 2019: 100)
+    sample_steps: int = 1000  # N, discretization steps of the pc / em samplers (paper: 1000); >= 1
+    snr: float = 0.16  # r, signal-to-noise ratio of the Langevin corrector (paper: 0.16); > 0
+    corrector_steps: int = 1  # M, corrector steps per predictor step (0: predictor only); >= 0
+    ald_eps: float = 2e-5  # annealed Langevin step epsilon (Song & Ermon 2019: 2e-5); > 0
+    ald_steps: int = 100  # annealed Langevin steps per noise level, T (Song & Ermon 2019: 100); >= 1
     divergence: Literal["exact", "rademacher", "gaussian"] = ""  # trace in the likelihood ODE (default: exact up to 64 dimensions, rademacher above)
-    rtol: float = 1e-5  # ODE solver relative tolerance (paper: 1e-5)
-    atol: float = 1e-5  # ODE solver absolute tolerance (paper: 1e-5)
-    grid_bins: int = 100  # toys: the density heatmap's grid is grid_bins x grid_bins over [-4, 4]^2
-    hidden: int = 256  # hidden units of the toy MLP
-    channels: int = 0  # U-Net base channels (0: 128 for 32x32, 64 for 28x28)
-    channel_mult: tuple[int, ...] = ()  # U-Net multipliers per resolution (empty: (1, 2, 2, 2) for 32x32, (1, 2, 2) for 28x28)
-    num_res_blocks: int = 2  # residual blocks per resolution
-    attn_res: tuple[int, ...] = ()  # resolutions with self-attention (empty: half the image side)
-    dropout: float = 0.1  # dropout in the residual blocks
-    steps: int = 0  # optimizer steps (0: 20,000 for toys, 50,000 for 28x28, 1,300,000 for 32x32 as in the paper)
-    batch_size: int = 128  # minibatch per process (both papers: 128)
-    lr: float = 2e-4  # Adam learning rate (Song et al. 2021: 2e-4; Song & Ermon 2019: 1e-3)
-    warmup: int = 5000  # steps of linear learning-rate warm-up (Song et al. 2021: 5000)
-    grad_clip: float = 1.0  # clip the gradient norm at this value (0: off)
-    ema_decay: float = 0.999  # EMA of the weights, used for sampling and evaluation (Song et al. 2021, VE: 0.999)
-    eval_n: int = 0  # test examples in the final likelihood (0: all)
-    eval_every: int = 0  # steps between evaluations and sample pictures (0: five per run)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 5000  # steps between checkpoints
-    seed: int = 0  # random seed
+    rtol: float = 1e-5  # ODE solver relative tolerance (paper: 1e-5); > 0
+    atol: float = 1e-5  # ODE solver absolute tolerance (paper: 1e-5); > 0
+    grid_bins: int = 100  # toys: the density heatmap's grid is grid_bins x grid_bins over [-4, 4]^2; >= 2
+    hidden: int = 256  # hidden units of the toy MLP; >= 1
+    channels: int = 0  # U-Net base channels (0: 128 for 32x32, 64 for 28x28); >= 0
+    channel_mult: tuple[int, ...] = ()  # U-Net multipliers per resolution (empty: (1, 2, 2, 2) for 32x32, (1, 2, 2) for 28x28); >= 1
+    num_res_blocks: int = 2  # residual blocks per resolution; >= 1
+    attn_res: tuple[int, ...] = ()  # resolutions with self-attention (empty: half the image side; 0: none); >= 0
+    dropout: float = 0.1  # dropout in the residual blocks; in [0, 1)
+    steps: int = 0  # optimizer steps (0: 20,000 for toys, 50,000 for 28x28, 1,300,000 for 32x32 as in the paper); >= 0
+    batch_size: int = 128  # minibatch per process (both papers: 128); >= 1
+    lr: float = 2e-4  # Adam learning rate (Song et al. 2021: 2e-4; Song & Ermon 2019: 1e-3); > 0
+    warmup: int = 5000  # steps of linear learning-rate warm-up (Song et al. 2021: 5000); >= 0
+    grad_clip: float = 1.0  # clip the gradient norm at this value (0: off); >= 0
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling and evaluation (Song et al. 2021, VE: 0.999); in [0, 1)
+    eval_n: int = 0  # test examples in the final likelihood (0: all); >= 0
+    eval_every: int = 0  # steps between evaluations and sample pictures (0: five per run); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 5000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda (training only; the ODE runs in float32)
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/ncsn_sde-<dataset>)
@@ -754,9 +755,6 @@ def build_model(data: common.Data, args: Args) -> ScoreModel:
 
 
 def check_args(data: common.Data, args: Args) -> None:
-    if data.kind == "binary":
-        raise common.DataError(f"ncsn_sde.py models densities of continuous data: use mnist (8-bit, dequantized), "
-                               f"not {data.name}")
     if args.objective == "ism" and data.num_dims > EXACT_TRACE_MAX_DIMS:
         raise common.RunError(f"--objective ism takes {data.num_dims} backward passes per step here: use ssm or dsm "
                               f"for more than {EXACT_TRACE_MAX_DIMS} dimensions")
@@ -766,6 +764,9 @@ def check_args(data: common.Data, args: Args) -> None:
 
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
+    if common.dataset_kind(args.dataset) == "binary":  # refused before any data is read or downloaded
+        raise common.DataError(f"ncsn_sde.py models densities of continuous data: use mnist (8-bit, dequantized), "
+                               f"not {args.dataset}")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     check_args(data, args)
     center = data.kind == "8bit" and centered(args.method, args.sde)

@@ -64,33 +64,34 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset (binarized_mnist, mnist, cifar10, ...; see README)
-    channels: int = 8  # stem channels at full size, doubled at every halving (paper: 32 MNIST, 128 CIFAR-10)
-    pre_blocks: int = 2  # pre-processing blocks, each halving the resolution (post-processing mirrors them)
-    scales: int = 2  # latent scales, from the coarsest; each finer scale doubles the resolution (paper MNIST: 2)
-    groups: int = 2  # latent groups per scale (paper: 5 MNIST, 30 CIFAR-10)
-    z_channels: int = 8  # channels of each latent group (paper: 20)
-    cells: int = 1  # residual cells per group, encoder and decoder (paper: 1 MNIST, 2 CIFAR-10)
-    expansion: int = 3  # channel expansion E in the depthwise-separable generative cells (paper: 6)
-    mixtures: int = 10  # discretized logistic mixture components (8-bit data; paper: 10)
-    epochs: int = 3  # passes over the training set (paper: 400)
-    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch)
-    batch_size: int = 128  # minibatch per process (paper: 200 per GPU on MNIST, 32 on CIFAR-10)
-    lr: float = 1e-2  # Adamax learning rate, cosine-decayed to lr_min (paper: 1e-2)
-    lr_min: float = 1e-4  # final learning rate of the cosine decay (paper: 1e-4)
-    weight_decay: float = 3e-4  # Adamax weight decay (authors' code: 3e-4)
-    kl_warmup: float = 0.3  # fraction of the steps over which the KL weight rises linearly to 1 (paper: 0.3)
+    channels: int = 8  # stem channels at full size, doubled at every halving (paper: 32 MNIST, 128 CIFAR-10); >= 1
+    pre_blocks: int = 2  # pre-processing blocks, each halving the resolution (post-processing mirrors them); >= 0
+    scales: int = 2  # latent scales, from the coarsest; each finer scale doubles the resolution (paper MNIST: 2); >= 1
+    groups: int = 2  # latent groups per scale (paper: 5 MNIST, 30 CIFAR-10); >= 1
+    z_channels: int = 8  # channels of each latent group (paper: 20); >= 1
+    cells: int = 1  # residual cells per group, encoder and decoder (paper: 1 MNIST, 2 CIFAR-10); >= 1
+    expansion: int = 3  # channel expansion E in the depthwise-separable generative cells (paper: 6); >= 1
+    mixtures: int = 10  # discretized logistic mixture components (8-bit data; paper: 10); >= 1
+    epochs: int = 3  # passes over the training set (paper: 400); >= 1
+    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch); >= 0
+    batch_size: int = 128  # minibatch per process (paper: 200 per GPU on MNIST, 32 on CIFAR-10); >= 1
+    lr: float = 1e-2  # Adamax learning rate, cosine-decayed to lr_min (paper: 1e-2); > 0
+    lr_min: float = 1e-4  # final learning rate of the cosine decay (paper: 1e-4); >= 0
+    weight_decay: float = 3e-4  # Adamax weight decay (authors' code: 3e-4); >= 0
+    kl_warmup: float = 0.3  # fraction of the steps over which the KL weight rises linearly to 1 (paper: 0.3); in [0, 1]
     kl_balance: bool = True  # KL balancing across groups during warm-up (paper: on)
-    sr_weight: float = 1e-2  # lambda, weight of the spectral regularization sum_i s_i (paper: 1e-2 MNIST)
-    sr_iters: int = 1  # power iterations per training step on the persistent u, v (20 at the first step)
-    temperature: float = 1.0  # sampling temperature t of the prior for the pictures (paper shows t in 0.6-1)
-    bn_readjust: int = 0  # batches of 100 samples to re-estimate BN statistics before drawing pictures (0: off)
-    eval_k: int = 1000  # importance samples for the final test log-likelihood
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test ELBO evaluations (0: once per epoch)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    sr_weight: float = 1e-2  # lambda, weight of the spectral regularization sum_i s_i (paper: 1e-2 MNIST); >= 0
+    sr_iters: int = 1  # power iterations per training step on the persistent u, v (20 at the first step); >= 1
+    temperature: float = 1.0  # sampling temperature t of the prior for the pictures (paper shows t in 0.6-1); >= 0
+    bn_readjust: int = 0  # batches of 100 samples to re-estimate BN statistics before drawing pictures (0: off); >= 0
+    eval_k: int = 1000  # importance samples for the final test log-likelihood; >= 1
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test ELBO evaluations (0: once per epoch); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/nvae-<dataset>)
@@ -647,9 +648,9 @@ def evaluate_and_draw(run: common.Run, model: NVAE, data: common.Data, args: Arg
 
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
+    if common.dataset_kind(args.dataset) == "toy":  # refused before any data is read or downloaded
+        raise common.DataError("nvae.py models images; use vae.py or flows.py for the 2D toys")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    if data.kind == "toy":
-        raise common.RunError("nvae.py models images; use vae.py or flows.py for the 2D toys")
     model = NVAE(data.shape, data.kind, args.channels, args.pre_blocks, args.scales, args.groups, args.z_channels,
                  args.cells, args.expansion, args.mixtures).to(device)
     # NHWC activations: the depthwise 5x5 convolutions run about 3x faster on CPU (oneDNN), no slower on GPUs

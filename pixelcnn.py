@@ -58,20 +58,21 @@ import common
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset (see README)
     arch: Literal["pixelcnn", "rowlstm", "diagbilstm"] = "diagbilstm"  # which of the paper's three networks
-    layers: int = 0  # residual blocks or LSTM layers (0: the paper's: 7; CIFAR-10 15 PixelCNN, 12 LSTM)
-    hidden: int = 0  # h: LSTM state size; the layers carry 2h features (0: the paper's, 16 MNIST, 128 CIFAR-10)
-    out_hidden: int = 0  # units of the two 1x1 output convolutions (0: 32, or 1024 for CIFAR-10; ours)
-    epochs: int = 1  # passes over the training set
-    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch)
-    batch_size: int = 32  # minibatch per process
-    lr: float = 1e-3  # Adam learning rate
-    samples: int = 16  # images drawn for samples.png at each evaluation
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: once per epoch)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    layers: int = 0  # residual blocks or LSTM layers (0: the paper's: 7; CIFAR-10 15 PixelCNN, 12 LSTM); >= 0
+    hidden: int = 0  # h: LSTM state size; the layers carry 2h features (0: the paper's, 16 MNIST, 128 CIFAR-10); >= 0
+    out_hidden: int = 0  # units of the two 1x1 output convolutions (0: 32, or 1024 for CIFAR-10; ours); >= 0
+    epochs: int = 1  # passes over the training set; >= 1
+    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch); >= 0
+    batch_size: int = 32  # minibatch per process; >= 1
+    lr: float = 1e-3  # Adam learning rate; > 0
+    samples: int = 16  # images drawn for samples.png at each evaluation; >= 1
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: once per epoch); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/pixelcnn-<arch>-<dataset>)

@@ -57,23 +57,24 @@ class Args:
     dataset: str = "binarized_mnist"  # a binary image dataset: binarized_mnist or static_binarized_mnist
     mode: Literal["savae", "vae", "svi"] = "savae"  # savae: encoder + K SVI steps; vae: encoder; svi: SVI only
     decoder: Literal["made", "mlp"] = "made"  # made: autoregressive p(x_i | x_<i, z); mlp: factorized p(x|z)
-    hidden: int = 500  # hidden units of the encoder and the decoder
-    latent: int = 32  # latent dimensions (paper, images: 32)
-    svi_steps: int = 20  # K, refinement steps in training and evaluation (paper: 20)
-    svi_lr: float = 0.03  # SVI step size (paper, text: 1, which diverges here; see the docstring)
-    momentum: float = 0.5  # SVI momentum (paper: 0.5)
-    max_grad_norm: float = 5.0  # clip each example's SVI gradient to this norm (paper: 5)
-    epochs: int = 5  # passes over the training set
-    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch)
-    batch_size: int = 50  # minibatch per process
-    lr: float = 1e-3  # Adam learning rate
-    eval_k: int = 500  # importance samples for the final test log-likelihood
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: once per epoch)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    hidden: int = 500  # hidden units of the encoder and the decoder; >= 1
+    latent: int = 32  # latent dimensions (paper, images: 32); >= 1
+    svi_steps: int = 20  # K, refinement steps in training and evaluation (paper: 20); >= 0
+    svi_lr: float = 0.03  # SVI step size (paper, text: 1, which diverges here; see the docstring); > 0
+    momentum: float = 0.5  # SVI momentum (paper: 0.5); in [0, 1)
+    max_grad_norm: float = 5.0  # clip each example's SVI gradient to this norm (paper: 5); > 0
+    epochs: int = 5  # passes over the training set; >= 1
+    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch); >= 0
+    batch_size: int = 50  # minibatch per process; >= 1
+    lr: float = 1e-3  # Adam learning rate; > 0
+    eval_k: int = 500  # importance samples for the final test log-likelihood; >= 1
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: once per epoch); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/savae-<dataset>)
@@ -389,9 +390,10 @@ def evaluate_and_draw(run: common.Run, model: SAVAE, data: common.Data, args: Ar
 
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
+    kind = common.dataset_kind(args.dataset)  # refused before any data is read or downloaded
+    if kind != "binary":
+        raise common.DataError(f"savae.py models binary images (Bernoulli pixels); {args.dataset} is {kind}")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    if data.kind != "binary":
-        raise common.RunError(f"savae.py models binary images (Bernoulli pixels); {args.dataset} is {data.kind}")
     model = SAVAE(data.shape, args.decoder, args.hidden, args.latent).to(device)
     if args.mode == "svi":  # no encoder in svi: frozen, so DDP and Adam leave its parameters alone
         model.encoder.requires_grad_(False)

@@ -43,23 +43,24 @@ import common
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset or a 2D toy (see README)
     arch: Literal["mlp", "conv"] = "mlp"  # mlp: D-hidden-latent; conv: two stride-2 convs (H, W divisible by 4)
-    hidden: int = 400  # hidden units (Kingma & Welling used 500 for MNIST)
-    latent: int = 20  # latent dimensions
-    epochs: int = 10  # passes over the training set
-    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch)
-    batch_size: int = 128  # minibatch per process (paper: 100)
-    lr: float = 1e-3  # Adam learning rate (paper: Adagrad)
-    kl_warmup: int = 0  # steps over which the KL weight rises linearly from 0 to 1 (0: off)
-    free_bits: float = 0.0  # free bits: minimum batch-mean KL per latent dimension, nats (0: off)
-    min_rate: float = 0.0  # delta-VAE: posterior variance bounded so every KL_j >= min_rate nats (0: off)
+    hidden: int = 400  # hidden units (Kingma & Welling used 500 for MNIST); >= 1
+    latent: int = 20  # latent dimensions; >= 1
+    epochs: int = 10  # passes over the training set; >= 1
+    steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch); >= 0
+    batch_size: int = 128  # minibatch per process (paper: 100); >= 1
+    lr: float = 1e-3  # Adam learning rate (paper: Adagrad); > 0
+    kl_warmup: int = 0  # steps over which the KL weight rises linearly from 0 to 1 (0: off); >= 0
+    free_bits: float = 0.0  # free bits: minimum batch-mean KL per latent dimension, nats (0: off); >= 0
+    min_rate: float = 0.0  # delta-VAE: posterior variance bounded so every KL_j >= min_rate nats (0: off); >= 0
     aggressive: bool = False  # He et al. 2019: train the encoder to convergence before each decoder step
-    eval_k: int = 1000  # importance samples for the final test log-likelihood
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    eval_every: int = 0  # steps between test evaluations (0: once per epoch)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    eval_k: int = 1000  # importance samples for the final test log-likelihood; >= 1
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_every: int = 0  # steps between test evaluations (0: once per epoch); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/vae-<dataset>)

@@ -79,30 +79,31 @@ class Args:
     vqvae: str = ""  # --stage prior: the stage-one run folder (or its checkpoint.pt)
     dataset: str = ""  # default: cifar10 (the paper's), mnist with --quick, the stage-one dataset for --stage prior
     levels: Literal[1, 2] = 1  # 1: VQ-VAE; 2: VQ-VAE-2, top codes and bottom codes conditioned on them
-    hidden: int = 256  # channels of the encoder and decoder convolutions (paper: 256)
-    res_blocks: int = 2  # residual blocks (ReLU, 3x3 conv, ReLU, 1x1 conv) in each encoder and decoder (paper: 2)
-    down: int = 0  # downsampling factor of the (bottom) codes (0: 4, or 2 when the top codes would not fit)
-    codebook_size: int = 512  # K, codes per codebook
-    code_dim: int = 64  # D, dimension of each code
-    beta: float = 0.25  # commitment weight (paper: 0.25)
+    hidden: int = 256  # channels of the encoder and decoder convolutions (paper: 256); >= 1
+    res_blocks: int = 2  # residual blocks (ReLU, 3x3 conv, ReLU, 1x1 conv) in each encoder and decoder (paper: 2); >= 0
+    down: int = 0  # downsampling factor of the (bottom) codes (0: 4, or 2 when the top codes would not fit); >= 0
+    codebook_size: int = 512  # K, codes per codebook; >= 1
+    code_dim: int = 64  # D, dimension of each code; >= 1
+    beta: float = 0.25  # commitment weight (paper: 0.25); >= 0
     ema: bool = False  # codebook by exponential moving averages (paper, Appendix A.1) instead of the codebook loss
-    ema_decay: float = 0.99  # gamma of the EMA codebook update (paper: 0.99)
-    ema_eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    restart: float = 0.0  # restart codes whose moving-average assignments per batch fall below this (0: off)
-    prior_hidden: int = 128  # channels of the gated PixelCNN prior
-    prior_layers: int = 12  # gated layers of the prior (7x7 first layer, then 3x3)
+    ema_decay: float = 0.99  # gamma of the EMA codebook update (paper: 0.99); in [0, 1)
+    ema_eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes; >= 0
+    restart: float = 0.0  # restart codes whose moving-average assignments per batch fall below this (0: off); >= 0
+    prior_hidden: int = 128  # channels of the gated PixelCNN prior; >= 1
+    prior_layers: int = 12  # gated layers of the prior (7x7 first layer, then 3x3); >= 1
     class_cond: bool = False  # condition the prior on the class label
-    samples: int = 64  # images drawn for samples.png (with --class-cond, rounded to a multiple of the classes)
-    steps: int = 250_000  # optimizer steps (paper: 250,000 for the autoencoder)
-    batch_size: int = 128  # minibatch per process (paper: 128)
-    lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
-    train_n: int = 0  # training examples to use (0: all), for quick checks
-    eval_every: int = 0  # steps between test evaluations (0: only at the end)
-    eval_n: int = 0  # test examples to evaluate (0: all)
-    log_every: int = 100  # steps between log lines
-    ckpt_every: int = 1000  # steps between checkpoints
-    seed: int = 0  # random seed
+    samples: int = 64  # images drawn for samples.png (with --class-cond, rounded to a multiple of the classes); >= 1
+    steps: int = 250_000  # optimizer steps (paper: 250,000 for the autoencoder); >= 0
+    batch_size: int = 128  # minibatch per process (paper: 128); >= 1
+    lr: float = 2e-4  # Adam learning rate (paper: 2e-4); > 0
+    train_n: int = 0  # training examples to use (0: all), for quick checks; >= 0
+    eval_every: int = 0  # steps between test evaluations (0: only at the end); >= 0
+    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    log_every: int = 100  # steps between log lines; >= 1
+    ckpt_every: int = 1000  # steps between checkpoints; >= 1
+    seed: int = 0  # random seed; >= 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/vqvae-<dataset>, runs/vqvae-prior-<dataset> for --stage prior)
@@ -639,6 +640,8 @@ def evaluate_and_draw(run: common.Run, model: VQVAE, data: common.Data, args: Ar
 def train_vqvae(args: Args) -> dict:
     dist, device = common.setup(args)
     args = dataclasses.replace(args, dataset=args.dataset or ("mnist" if args.quick else "cifar10"))
+    if common.dataset_kind(args.dataset) not in LIKELIHOODS:  # refused before any data is read or downloaded
+        raise common.DataError(f"vqvae.py models images (8-bit or binarized), not {args.dataset}; try --dataset mnist")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = build_vqvae(dataclasses.asdict(args), data).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr)

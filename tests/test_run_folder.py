@@ -1,6 +1,8 @@
 """Bad input, refused starts and interruptions: what common's Args bridge, Run and cli promise a user."""
 
+import argparse
 import dataclasses
+import importlib
 import errno
 import json
 import os
@@ -8,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import typing
 import time
 from dataclasses import dataclass
 
@@ -320,3 +323,87 @@ def test_a_read_only_out_is_one_line(tmp_path):
     finally:
         os.chmod(tmp_path / "run", 0o700)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: Permission denied: ") and err[0].endswith("config.json")
+
+
+# ---------------------------------------------------------------------------------------------- the model files
+MODEL_FILES = ("vae", "iwae", "savae", "vqvae", "nvae", "ddpm", "ebm_jem", "ncsn_sde", "pixelcnn", "flows", "ffjord")
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_every_numeric_flag_declares_its_range_and_every_preset_is_inside(name):
+    module = importlib.import_module(name)
+    docs, hints = common._field_comments(module.Args), typing.get_type_hints(module.Args)
+    for field in dataclasses.fields(module.Args):
+        hint = typing.get_args(hints[field.name])[0] if typing.get_origin(hints[field.name]) is tuple \
+            else hints[field.name]
+        if hint in (int, float):
+            assert common.field_bound(docs.get(field.name, "")) is not None, f"{name}.py --{field.name} has no range"
+    assert "threads" in docs
+    presets = {k: v for k, v in vars(module).items() if k.isupper() and isinstance(v, dict)
+               and v and set(v) <= set(docs)}
+    for preset in [{}, *presets.values()]:  # the defaults, --quick and the paper presets are all valid
+        common._check_bounds(argparse.ArgumentParser(), dataclasses.replace(module.Args(), **preset), docs)
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("vae", ["--batch-size", "0"], "--batch-size: must be >= 1 (got 0)"),
+    ("vae", ["--batch-size", "-5"], "--batch-size: must be >= 1 (got -5)"),
+    ("vae", ["--log-every", "0"], "--log-every: must be >= 1"),
+    ("vae", ["--ckpt-every", "0"], "--ckpt-every: must be >= 1"),
+    ("vae", ["--eval-k", "-3"], "--eval-k: must be >= 1"),
+    ("vae", ["--hidden", "-1"], "--hidden: must be >= 1"),
+    ("vae", ["--latent", "0"], "--latent: must be >= 1"),
+    ("vae", ["--lr", "-1"], "--lr: must be > 0"),
+    ("vae", ["--steps", "-10"], "--steps: must be >= 0"),
+    ("vae", ["--eval-n", "-5"], "--eval-n: must be >= 0"),
+    ("iwae", ["--k", "0"], "--k: must be >= 1"),
+    ("iwae", ["--k", "-1"], "--k: must be >= 1"),
+    ("ddpm", ["--timesteps", "0"], "--timesteps: must be >= 2"),
+    ("ddpm", ["--timesteps", "1"], "--timesteps: must be >= 2"),
+    ("ddpm", ["--ema-decay", "2"], "--ema-decay: must be in [0, 1)"),
+    ("ebm_jem", ["--reinit", "1.5"], "--reinit: must be in [0, 1]"),
+    ("ffjord", ["--rtol", "0"], "--rtol: must be > 0"),
+])
+def test_out_of_range_flags_of_the_model_files(name, argv, message, capsys):
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as info:
+        common.parse_args(module.Args, argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_flag_is_refused_by_the_script_before_any_data_is_read(tmp_path):
+    empty = tmp_path / "data"
+    result = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--batch-size", "0", "--data-dir", str(empty)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and errors == ["vae.py: error: argument --batch-size: must be >= 1 (got 0)"]
+    assert not empty.exists()
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("ddpm.py", ["--dataset", "binarized_mnist"], "ddpm.py models 8-bit images and 2D toys"),
+    ("savae.py", ["--dataset", "mnist"], "savae.py models binary images"),
+    ("ncsn_sde.py", ["--dataset", "binarized_mnist"], "ncsn_sde.py models densities of continuous data"),
+    ("nvae.py", ["--dataset", "8gaussians"], "nvae.py models images"),
+    ("vqvae.py", ["--dataset", "two_moons"], "vqvae.py models images"),
+    ("flows.py", ["--task", "images", "--flow", "glow", "--dataset", "binarized_mnist"], "--task images needs 8-bit"),
+    ("vae.py", ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+])
+def test_unsupported_datasets_are_refused_before_any_data_is_read(tmp_path, script, flags, message):
+    empty = tmp_path / "data"  # no files and (in a test) no download: a refusal must come first
+    result = subprocess.run([sys.executable, str(ROOT / script), *flags, "--data-dir", str(empty),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+    assert not empty.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_data_dir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "blocker").write_text("a file")
+    result = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--dataset", "mnist", "--data-dir",
+                             str(tmp_path / "blocker" / "data"), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    assert "Not a directory" in errors[0]
