@@ -1473,6 +1473,19 @@ class Run:
         return self.dir / name
 
 
+def progress(items, desc: str, total: int | None = None, unit: str = "img"):
+    """Yield from `items` with a progress bar on stderr saying what is computed ("10,000 test images x k = 1000"),
+    advanced by the rows of each tensor (or by 1). For evaluations and samplers that take more than a few
+    seconds; no bar when stderr is not a terminal (log files, tests)."""
+    if tqdm is None or not sys.stderr.isatty():
+        yield from items
+        return
+    with tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True) as bar:
+        for item in items:
+            yield item
+            bar.update(len(item) if isinstance(item, torch.Tensor) else 1)
+
+
 def _fmt(value) -> str:
     """For reading: whole numbers without decimals, rates and large values with one or none, the rest four."""
     if not isinstance(value, float):

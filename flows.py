@@ -1193,11 +1193,11 @@ def check_task(args: Args) -> None:
         raise common.RunError(f"--task {args.task} takes --flow {', '.join(flows_of_task[args.task])}, not {args.flow}")
     kind = None if args.task == "energy" else common.dataset_kind(args.dataset)
     if args.task == "density" and kind != "toy":
-        raise common.DataError(f"--task density fits the 2D toys, not {args.dataset}; images: --task images")
+        raise common.RunError(f"--task density fits the 2D toys, not {args.dataset}; images: --task images")
     if args.task == "images" and kind != "8bit":
-        raise common.DataError(f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), not {args.dataset}")
+        raise common.RunError(f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), not {args.dataset}")
     if args.task == "vae" and kind != "binary":
-        raise common.DataError(f"--task vae needs binarized images, not {args.dataset}")
+        raise common.RunError(f"--task vae needs binarized images, not {args.dataset}")
 
 
 def build(args: Args, data: common.Data | None) -> nn.Module:

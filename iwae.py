@@ -270,7 +270,7 @@ def evaluate(model: IWAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) ->
     """Test ELBO and active units per layer; with k > 0 also the importance-sampled log p(x)."""
     sums = {"elbo": 0.0, "log_px": 0.0}
     means = []
-    for xb in x.split(batch_size):
+    for xb in common.progress(x.split(batch_size), f"test bound, {len(x):,} images x k = {k or 10}", len(x)):
         means.append(posterior_means(model, xb))
         elbo_k = k or 10  # the ELBO as the mean of log w over the same samples (10 when only the ELBO is asked)
         images = max(1, ROWS_PER_CHUNK // elbo_k)  # images per chunk of decoder rows

@@ -653,7 +653,9 @@ def evaluate(model: ScoreModel, x: torch.Tensor, data: common.Data, args: Args, 
     """Test NLL by the probability-flow ODE: nats (and KL) for toys, bits/dim of the 8-bit data for images."""
     divergence = args.divergence or ("exact" if data.num_dims <= EXACT_TRACE_MAX_DIMS else "rademacher")
     start, total, nfe, solves = time.time(), 0.0, 0, 0
-    for xb in x.split(TOY_BATCH if data.kind == "toy" else IMAGE_BATCH):
+    what = f"test NLL by the probability-flow ODE ({divergence} divergence), {len(x):,} " + \
+        ("points" if data.kind == "toy" else "images")
+    for xb in common.progress(x.split(TOY_BATCH if data.kind == "toy" else IMAGE_BATCH), what, len(x)):
         log_p, n = ode_log_likelihood(model.sde, model.score, to_model(xb, data.kind, center), T_EPS, args.rtol,
                                       args.atol, divergence)
         total, nfe, solves = total + log_p.sum().item(), nfe + n, solves + 1

@@ -551,7 +551,8 @@ def evaluate(model: NVAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) ->
     """Test ELBO, its KL and reconstruction terms, KL per group; with k > 0 the importance-weighted log p(x)."""
     sums = {"elbo": 0.0, "kl": 0.0, "log_px": 0.0}
     kl_groups = 0.0
-    for xb in x.split(batch_size):
+    for xb in common.progress(x.split(batch_size), f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""),
+                              len(x)):
         params, groups = model.top_down(model.encode(xb))
         kl = torch.stack([residual_normal_kl(g["delta_mu"], g["delta_log_sigma"], g["log_sigma_p"])
                           .flatten(1).sum(1) for g in groups], dim=1)  # (B, L)
@@ -649,7 +650,7 @@ def evaluate_and_draw(run: common.Run, model: NVAE, data: common.Data, args: Arg
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
     if common.dataset_kind(args.dataset) == "toy":  # refused before any data is read or downloaded
-        raise common.DataError("nvae.py models images; use vae.py or flows.py for the 2D toys")
+        raise common.RunError("nvae.py models images; use vae.py or flows.py for the 2D toys")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = NVAE(data.shape, data.kind, args.channels, args.pre_blocks, args.scales, args.groups, args.z_channels,
                  args.cells, args.expansion, args.mixtures).to(device)

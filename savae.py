@@ -308,7 +308,8 @@ def evaluate(model: SAVAE, x: torch.Tensor, args: Args, k: int = 0, batch_size: 
     and with k > 0 the importance-sampled log p(x) with the refined q as proposal."""
     sums = {"elbo": 0.0, "elbo_start": 0.0, "kl": 0.0, "log_px": 0.0}
     mus = []
-    for xb in x.flatten(1).split(batch_size):
+    what = f"test: K = {args.svi_steps} SVI steps" + (f", k = {k}" if k else "") + f", {len(x):,} images"
+    for xb in common.progress(x.flatten(1).split(batch_size), what, len(x)):
         mu0, logvar0 = model.start(xb, args.mode)
         with torch.enable_grad():
             mu, logvar, _ = model.refined(xb, mu0, logvar0, args.svi_steps, args.svi_lr, args.momentum,
@@ -392,7 +393,7 @@ def train(args: Args) -> dict:
     dist, device = common.setup(args)
     kind = common.dataset_kind(args.dataset)  # refused before any data is read or downloaded
     if kind != "binary":
-        raise common.DataError(f"savae.py models binary images (Bernoulli pixels); {args.dataset} is {kind}")
+        raise common.RunError(f"savae.py models binary images (Bernoulli pixels); {args.dataset} is {kind}")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = SAVAE(data.shape, args.decoder, args.hidden, args.latent).to(device)
     if args.mode == "svi":  # no encoder in svi: frozen, so DDP and Adam leave its parameters alone

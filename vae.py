@@ -283,7 +283,8 @@ def evaluate(model: VAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) -> 
     """Test ELBO, KL, active units and mutual information; with k > 0 also the importance-sampled log p(x)."""
     sums = {"elbo": 0.0, "kl": 0.0, "log_px": 0.0}
     mus, logvars = [], []
-    for xb in x.split(batch_size):
+    for xb in common.progress(x.split(batch_size), f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""),
+                              len(x)):
         xb_flat = xb.flatten(1)
         mu, logvar = model.encode(xb)
         mus.append(mu), logvars.append(logvar)

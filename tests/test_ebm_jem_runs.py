@@ -51,7 +51,7 @@ def test_mnist_jem_quick_reports_accuracy_calibration_ood_and_samples(tmp_path):
     os.symlink(os.path.join(data_dir(), "mnist"), data / "mnist")
     out = tmp_path / "run"
     result = run("--quick", "--steps", "10", "--eval-n", "100", "--sample-steps", "3", "--compose",
-                 "--data-dir", str(data), "--out", str(out))
+                 "--ood", "noise", "fashion_mnist", "--data-dir", str(data), "--out", str(out))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("eval test accuracy=") and "ece=" in last and "auroc_noise=" in last

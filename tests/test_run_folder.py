@@ -407,3 +407,14 @@ def test_a_data_dir_under_a_file_is_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), result.stderr
     assert "Not a directory" in errors[0]
+
+
+def test_quick_needs_no_second_dataset_and_no_cifar10():
+    import ddpm
+    import ebm_jem
+
+    assert common.parse_args(ddpm.Args, ["--quick"], {"quick": ddpm.QUICK}).dataset == "mnist"
+    assert common.parse_args(ddpm.Args, ["--quick", "--dataset", "two_moons"], {"quick": ddpm.QUICK}).dataset == \
+        "two_moons"
+    assert common.parse_args(ebm_jem.Args, ["--quick"], {"quick": ebm_jem.QUICK}).ood == ("noise",)
+    assert common.parse_args(ebm_jem.Args, [], {"quick": ebm_jem.QUICK}).ood == ("noise", "fashion_mnist")
