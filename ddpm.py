@@ -64,7 +64,7 @@ class Args:
     sample_steps: int = 0  # DDIM steps (0: T); >= 0
     eta: float = 0.0  # DDIM eta: 0 deterministic, 1 ancestral with the posterior variance; in [0, 1]
     eval_t: int = 0  # timesteps per test example in the final bound (0: all T, exact; fewer: stratified); >= 0
-    eval_n: int = 0  # test examples to evaluate (0: all); >= 0
+    eval_n: int = 0  # test examples in the final evaluation (0: all; during training on a CPU at most 1000); >= 0
     eval_every: int = 0  # steps between evaluations and sample grids (0: ten per run); >= 0
     fid: bool = False  # final FID against the training set (needs the pytorch-fid package)
     fid_n: int = 50_000  # samples (and training images) for FID; >= 2
@@ -74,6 +74,8 @@ class Args:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
+    channels_last: bool | None = None  # U-Net weights and activations in channels-last (NHWC) memory (None: on cuda only)
+    compile: bool = False  # torch.compile the network (its first steps compile it, minutes; faster after, on a GPU)
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/ddpm-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
@@ -84,7 +86,9 @@ class Args:
 QUICK = dict(dataset="mnist", steps=1000, batch_size=64, channels=32, channel_mult=(1, 2), num_res_blocks=1, warmup=100, eval_n=500,
              eval_t=50, eval_every=1000, sampler="ddim", sample_steps=50, log_every=100, ckpt_every=1000)
 PERIODIC_EVAL_T = 20  # stratified timesteps per example in the evaluations during training
-ROWS_PER_CHUNK = 4096  # (example, t) pairs per network call in the bound (toys; images use ROWS_PER_CHUNK // 16)
+PERIODIC_EVAL_N_CPU = 1000  # test examples in the evaluations during training on a CPU (the final one: --eval-n)
+ROWS_PER_CHUNK = 4096  # (example, t) pairs per noise draw in the bound (toys; images use ROWS_PER_CHUNK // 16)
+PIXELS_PER_CALL = 32 * 28 * 28  # CPU: (example, t) pairs x pixels per network call in the bound (measured: README)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,10 +110,10 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 # Networks: eps_theta(x_t, t), t an integer tensor (B,) in 1..T
 # ----------------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    # Vaswani et al. 2017, Sec. 3.5 (as in Ho et al., Appendix B): sin(t / 10000^(i/(d/2-1))), then the cosines
+def timestep_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Vaswani et al. 2017, Sec. 3.5 (as in Ho et al., Appendix B): sin(t / 10000^(i/(d/2-1))), then the cosines;
+    # in the network's dtype (float32 also under bf16 autocast, whose first Linear casts it)
     half = dim // 2
-    dtype = torch.get_default_dtype()
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / (half - 1))
     angles = t.to(dtype)[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
@@ -127,7 +131,7 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.emb)).chunk(len(self.layers), dim=1)  # each (B, hidden)
+        temb = self.time(timestep_embedding(t, self.emb, self.inp.weight.dtype)).chunk(len(self.layers), dim=1)
         h = self.inp(x)
         for layer, e in zip(self.layers, temb):
             h = layer(F.silu(h + e))
@@ -217,7 +221,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(c), nn.SiLU(), zero_init(nn.Conv2d(c, c_img, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.ch))  # (B, 4 ch)
+        temb = self.time(timestep_embedding(t, self.ch, self.conv_in.weight.dtype))  # (B, 4 ch)
         hs = [self.conv_in(x)]
         for block in self.down:
             hs.append(self._run(block, hs[-1], temb))
@@ -255,10 +259,21 @@ class Diffusion(nn.Module):
         sigma2 = betas.clone() if variance == "beta" else posterior_var.clone()
         if variance == "posterior":
             sigma2[1] = posterior_var[2]
-        for name, value in dict(betas=betas, alphas=alphas, alphas_cumprod=alphas_cumprod, posterior_var=posterior_var,
-                                sigma2=sigma2).items():
-            # computed in float64, kept in the default dtype; recomputed from the config, so not checkpointed
+        # computed in float64, kept in the model's dtype (the default one until .to / .double / .float); rebuilt from
+        # the config, so not checkpointed
+        self._schedule64 = dict(betas=betas, alphas=alphas, alphas_cumprod=alphas_cumprod,
+                                posterior_var=posterior_var, sigma2=sigma2)
+        for name, value in self._schedule64.items():
             self.register_buffer(name, value.to(torch.get_default_dtype()), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to(), .double(), .cuda() ... cast and move the buffers as usual; a float64 model then takes the schedule
+        from its float64 original rather than from float32 values widened (which would keep float32 precision)."""
+        super()._apply(fn, recurse)
+        for name, exact in self._schedule64.items():
+            if self._buffers[name].dtype == torch.float64:
+                self._buffers[name] = exact.to(self._buffers[name].device)
+        return self
 
     def _at(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Schedule value at t (B,), shaped (B, 1, ...) to broadcast against x."""
@@ -335,11 +350,15 @@ def prior_kl(model: Diffusion, x0: torch.Tensor) -> torch.Tensor:
     return normal_kl(a.sqrt() * x0, (1 - a).expand_as(x0), torch.zeros_like(x0), torch.ones_like(x0))
 
 
-def bound_terms(model: Diffusion, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def bound_terms(model: Diffusion, x0: torch.Tensor, t: torch.Tensor, net_rows: int = 0) -> torch.Tensor:
     """One-sample estimate of L_{t-1} for each pair (x0[i], t[i]), nats (B,):
-    t > 1: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)); t = 1: L_0 = -log p_theta(x_0 | x_1)."""
+    t > 1: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)); t = 1: L_0 = -log p_theta(x_0 | x_1).
+    The noise is drawn for all B pairs at once; the network sees them `net_rows` at a time (0: all)."""
     x_t = model.q_sample(x0, t, torch.randn_like(x0))
-    mean = model.p_mean(x_t, t, model.net(x_t, t).to(x0.dtype))
+    n = net_rows or len(x0)
+    eps_pred = torch.cat([model.net(xb, tb) for xb, tb in zip(x_t.split(n), t.split(n))]) if n < len(x0) \
+        else model.net(x_t, t)
+    mean = model.p_mean(x_t, t, eps_pred.to(x0.dtype))
     var = model._at("sigma2", t, x0)
     q_mean, q_var = model.q_posterior(x0, x_t, t)
     kl = normal_kl(q_mean, q_var.clamp(min=1e-30).expand_as(x0), mean, var.expand_as(x0))  # Ho et al., Eq. 5
@@ -358,27 +377,36 @@ def stratified_timesteps(n: int, k: int, T: int, device) -> tuple[torch.Tensor, 
     return 2 + edges[:-1] + offset, sizes.expand(n, -1).float()
 
 
+def bound_net_rows(x0: torch.Tensor) -> int:
+    """(example, t) pairs per network call in the bound: on a CPU, PIXELS_PER_CALL pixels (the activations then
+    stay in cache); on a GPU, 0 (every pair of a noise draw in one call)."""
+    return max(1, PIXELS_PER_CALL // x0[0].numel()) if x0.device.type == "cpu" else 0
+
+
 @torch.no_grad()
-def nll_bound(model: Diffusion, x0: torch.Tensor, num_t: int = 0, rows: int = ROWS_PER_CHUNK) -> dict[str, torch.Tensor]:
+def nll_bound(model: Diffusion, x0: torch.Tensor, num_t: int = 0, rows: int = ROWS_PER_CHUNK,
+              net_rows: int | None = None) -> dict[str, torch.Tensor]:
     """The variational bound on -log p(x_0) in nats per example (B,), and its parts L_T, L_1..L_{T-1}, L_0.
 
     Ho et al., Eq. 5 and Table 2: L = L_T + sum_{t=2}^T L_{t-1} + L_0; L_0 and L_T exactly, the middle sum over
-    all t (num_t = 0 or >= T - 1) or over num_t stratified t per example.
+    all t (num_t = 0 or >= T - 1) or over num_t stratified t per example. The noise is drawn `rows` pairs at a
+    time and the network runs `net_rows` pairs at a time (None: bound_net_rows), which changes only the speed.
     """
     n, T = len(x0), model.T
+    net_rows = bound_net_rows(x0) if net_rows is None else net_rows
     k = T - 1 if num_t <= 0 or num_t >= T - 1 else num_t
     if k == T - 1:  # exact: every t = 2..T, weight 1
         t = torch.arange(2, T + 1, device=x0.device).expand(n, k)
-        w = torch.ones(n, k, device=x0.device)
+        w = torch.ones(n, k, device=x0.device, dtype=x0.dtype)
     else:
         t, w = stratified_timesteps(n, k, T, x0.device)
         k = t.shape[1]
     index = torch.arange(n, device=x0.device).repeat_interleave(k)  # pair j -> example index[j]
-    t, w = t.reshape(-1), w.reshape(-1)
-    terms = torch.cat([bound_terms(model, x0[index[s:s + rows]], t[s:s + rows])
+    t, w = t.reshape(-1), w.reshape(-1).to(x0.dtype)
+    terms = torch.cat([bound_terms(model, x0[index[s:s + rows]], t[s:s + rows], net_rows)
                        for s in range(0, len(t), rows)])  # (n k,)
     middle = (w * terms).view(n, k).sum(1)
-    l0 = torch.cat([bound_terms(model, xb, torch.ones(len(xb), dtype=torch.long, device=x0.device))
+    l0 = torch.cat([bound_terms(model, xb, torch.ones(len(xb), dtype=torch.long, device=x0.device), net_rows)
                     for xb in x0.split(rows)])
     l_T = prior_kl(model, x0)
     return {"nll": l_T + middle + l0, "prior": l_T, "diffusion": middle, "decoder": l0}
@@ -391,7 +419,7 @@ def nll_bound(model: Diffusion, x0: torch.Tensor, num_t: int = 0, rows: int = RO
 def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0):
     """Ho et al., Algorithm 2. Returns x_0 (n, ...) and `keep` snapshots of x_t from x_T to x_0."""
     device = model.betas.device
-    x = torch.randn(shape, device=device)  # line 1: x_T ~ N(0, I)
+    x = torch.randn(shape, device=device, dtype=model.betas.dtype)  # line 1: x_T ~ N(0, I), in the model's dtype
     frames, keep_at = [], _snapshot_steps(model.T, keep)
     for t in range(model.T, 0, -1):  # line 2
         if t in keep_at:
@@ -408,7 +436,7 @@ def sample_ddim(model: Diffusion, shape: tuple[int, ...], steps: int = 0, eta: f
     """Song, Meng & Ermon 2021 (DDIM), Eq. 12 on `steps` evenly spaced timesteps T = tau_S > ... > tau_0 = 0."""
     device = model.betas.device
     taus = torch.linspace(model.T, 0, (steps or model.T) + 1).round().long().unique_consecutive().tolist()
-    x = torch.randn(shape, device=device)
+    x = torch.randn(shape, device=device, dtype=model.betas.dtype)
     frames, keep_at = [], _snapshot_steps(model.T, keep, taus[:-1])
     for t, s in zip(taus[:-1], taus[1:]):
         if t in keep_at:
@@ -491,7 +519,9 @@ def to_data(x: torch.Tensor, kind: str) -> torch.Tensor:
 def evaluate(model: Diffusion, x0: torch.Tensor, data: common.Data, num_t: int, batch_size: int) -> dict:
     """The bound on the test set in the repository's units: bits/dim for images, nats (and KL) for toys."""
     parts = {}
-    for xb in x0.split(batch_size):
+    what = f"test bound, {len(x0):,} {'points' if data.kind == 'toy' else 'images'} x " + \
+        (f"{num_t} strata of t" if 0 < num_t < model.T - 1 else f"all {model.T} t")
+    for xb in common.progress(x0.split(batch_size), what, len(x0)):
         rows = ROWS_PER_CHUNK if data.kind == "toy" else max(1, ROWS_PER_CHUNK // 16)
         for key, value in nll_bound(model, xb, num_t, rows).items():
             parts.setdefault(key, []).append(value)
@@ -536,7 +566,10 @@ def fid(model: Diffusion, data: common.Data, args: Args) -> float:
 def evaluate_and_draw(run: common.Run, model: Diffusion, data: common.Data, args: Args, step: int, num_t: int,
                       final: bool = False) -> dict:
     """Bound on the test set and pictures from the EMA weights (rank 0), one log line."""
-    x = to_model(data.test_x[: args.eval_n] if args.eval_n else data.test_x, data.kind)
+    n = args.eval_n or len(data.test_x)
+    if not final and data.test_x.device.type == "cpu":  # during training on a CPU: a subset, so the run moves on
+        n = min(n, PERIODIC_EVAL_N_CPU)
+    x = to_model(data.test_x[:n], data.kind)
     with common.eval_mode(model, seed=args.seed):
         metrics = evaluate(model, x, data, num_t, batch_size=5000 if data.kind == "toy" else 100)
         draw_pictures(model, data, run, args)
@@ -588,11 +621,17 @@ def train(args: Args) -> dict:
                                f"{'FID of ' if args.fid else ''}{args.dataset}; try --dataset mnist")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = build_model(data, args).to(device)
+    if args.channels_last if args.channels_last is not None else device.type == "cuda":
+        # NHWC weights: every convolution's output, and so every activation after the first, is NHWC too, which
+        # is the layout of the GPU's bf16 convolution kernels (on a CPU, oneDNN's are not faster for this U-Net)
+        model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "ddpm", dist, model, optimizer, ema=ema,
-                     resumable=("sampler", "sample_steps", "eta", "eval_t", "fid", "fid_n"))
+                     resumable=("sampler", "sample_steps", "eta", "eval_t", "fid", "fid_n", "channels_last", "compile"))
     start = run.restore()
+    if args.compile:  # in place, so the checkpoint's names stay those of the plain network (torch >= 2.2)
+        model.net.compile()
     ddp = common.wrap_ddp(model, dist)
     batches = common.Batches(data.train_x, None, args.batch_size, args.seed, dist)
     total = args.steps or (20_000 if data.kind == "toy" else 800_000 if data.shape[1] >= 32 else 50_000)
