@@ -216,9 +216,14 @@ class CNF(nn.Module):
                  atol: float = 1e-5, step_size: float = 0.0, adjoint: bool = False, noise: str = "rademacher"):
         super().__init__()
         self.func = ODEFunc(net)
-        self.register_buffer("times", torch.tensor([0.0, time_length]), persistent=False)
+        # a Python float, not a float32 buffer: .double() of a float32 1.7 would integrate to 1.7000000477
+        self.time_length = time_length
         self.solver, self.rtol, self.atol, self.adjoint, self.noise = solver, rtol, atol, adjoint, noise
         self.options = {"step_size": step_size} if step_size > 0 else None
+
+    def times(self, like: torch.Tensor) -> torch.Tensor:
+        """[0, T] in the dtype and on the device of the state `like` (torchdiffeq casts t to the state's dtype)."""
+        return torch.tensor([0.0, self.time_length], device=like.device, dtype=like.dtype)
 
     def _solve(self, state: tuple[torch.Tensor, ...], times: torch.Tensor, adjoint: bool):
         solve = odeint_adjoint if adjoint else odeint
@@ -233,7 +238,7 @@ class CNF(nn.Module):
         self.func.e = probe if probe is not None else sample_probe(x, self.noise)
         zeros = torch.zeros_like(x.flatten(1)[:, 0])
         state = (x, zeros, zeros, zeros) if regularize else (x, zeros)
-        out = self._solve(state, self.times, self.adjoint and torch.is_grad_enabled())
+        out = self._solve(state, self.times(x), self.adjoint and torch.is_grad_enabled())
         z, delta_logp = out[0], out[1]
         reg = torch.stack(out[2:], dim=1) if regularize else torch.zeros_like(x.flatten(1)[:, :2])
         # log p(x) = log p(z(T)) - delta_logp, delta_logp = -int_0^T tr(df/dz) dt: so log |det| = -delta_logp
@@ -241,7 +246,7 @@ class CNF(nn.Module):
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """z(T) -> x = z(0): the same ODE solved from T back to 0."""
-        return self._solve((z,), self.times.flip(0), adjoint=False)[0]
+        return self._solve((z,), self.times(z).flip(0), adjoint=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -154,8 +154,8 @@ class Flow(nn.Module):
 
     def sample_with_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         # x = f^-1(z), z ~ N(0, I): log q(x) = log N(z) - log|det dx/dz| (Rezende & Mohamed 2015, Eq. 6)
-        device = next(self.parameters()).device
-        z = torch.randn(n, *self.base_shape, device=device)
+        p = next(self.parameters())  # z in the model's dtype and on its device
+        z = torch.randn(n, *self.base_shape, device=p.device, dtype=p.dtype)
         x, log_det = self.inverse(z)
         return x, log_normal(z) - log_det
 
@@ -539,9 +539,17 @@ class InvConv1x1(nn.Module):
         return torch.einsum("ij,bj...->bi...", torch.linalg.inv(w), z), (-z[0, 0].numel() * log_abs_det).expand(len(z))
 
 
+def split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the first floor(C/2) channels (or coordinates) and the other ceil(C/2): the split the nets are built for
+    # (x.chunk(2, 1) would give the first half ceil(C/2) when C is odd)
+    c = x.shape[1]
+    return x[:, : c // 2], x[:, c // 2 :]
+
+
 class GlowCoupling(nn.Module):
     """Kingma & Dhariwal 2018, Table 1: x_a, x_b = split(x); (log s, t) = NN(x_a); s = sigmoid(log s + 2);
-    z_b = (x_b + t) * s; z = concat(x_a, z_b); log_det = sum log s. The +2 and the sigmoid follow the code."""
+    z_b = (x_b + t) * s; z = concat(x_a, z_b); log_det = sum log s. The +2 and the sigmoid follow the code.
+    x_a has floor(C/2) channels and x_b ceil(C/2), so NN maps C // 2 channels to 2 (C - C // 2)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -552,12 +560,12 @@ class GlowCoupling(nn.Module):
         return F.logsigmoid(h[:, 0::2] + 2.0), h[:, 1::2]
 
     def forward(self, x: torch.Tensor):
-        x_a, x_b = x.chunk(2, dim=1)
+        x_a, x_b = split_half(x)  # (B, C // 2, ...), (B, C - C // 2, ...)
         log_s, t = self._log_s_t(x_a)
         return torch.cat([x_a, (x_b + t) * log_s.exp()], 1), sum_except_batch(log_s)
 
     def inverse(self, z: torch.Tensor):
-        z_a, z_b = z.chunk(2, dim=1)
+        z_a, z_b = split_half(z)
         log_s, t = self._log_s_t(z_a)
         return torch.cat([z_a, z_b * torch.exp(-log_s) - t], 1), -sum_except_batch(log_s)
 
@@ -585,7 +593,7 @@ class MultiScale(nn.Module):
             log_det = log_det + ld
         if self.inner is None:
             return x.flatten(1), log_det
-        h_1, h_2 = x.chunk(2, dim=1)
+        h_1, h_2 = split_half(x)  # the inner scale takes C // 2 channels
         z_1, ld = self.inner(h_1)
         if self.prior is not None:
             mean, log_std = self.prior(h_1).chunk(2, dim=1)
@@ -1095,13 +1103,15 @@ def importance_sampled_log_px(model: FlowVAE, x: torch.Tensor, k: int, rows: int
 @torch.no_grad()
 def sample(model: Flow, n: int, temperature: float = 1.0) -> torch.Tensor:
     """x = f^-1(T z), z ~ N(0, I): (n, *data shape); T < 1 is Glow's reduced temperature (Sec. 5.3)."""
-    z = temperature * torch.randn(n, *model.base_shape, device=next(model.parameters()).device)
+    p = next(model.parameters())  # z in the model's dtype and on its device
+    z = temperature * torch.randn(n, *model.base_shape, device=p.device, dtype=p.dtype)
     return model.inverse(z)[0]
 
 
 @torch.no_grad()
 def sample_vae(model: FlowVAE, n: int) -> torch.Tensor:
-    z = torch.randn(n, model.latent, device=next(model.parameters()).device)
+    p = next(model.parameters())
+    z = torch.randn(n, model.latent, device=p.device, dtype=p.dtype)  # z ~ N(0, I), (n, latent)
     return torch.sigmoid(model.decoder(z))
 
 

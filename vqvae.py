@@ -170,9 +170,15 @@ def decoder_mean(kind: str, params: torch.Tensor) -> torch.Tensor:
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """z (N, D), codebook (K, D) -> (N,) index of the nearest code in Euclidean distance.
 
-    van den Oord et al. 2017, Eq. 1: k = argmin_j ||z_e(x) - e_j||_2, with ||z - e||^2 = |z|^2 - 2 z.e + |e|^2.
+    van den Oord et al. 2017, Eq. 1: k = argmin_j ||z_e(x) - e_j||_2, from the differences z - e_j themselves.
+    The expansion |z|^2 - 2 z.e + |e|^2 (one matmul) cancels away the digits that separate near codes when both
+    lie far from the origin: in float32, with 64 codes and the outputs scattered 0.05 around a point 10 away
+    (D = 2) it picks the wrong code for 2.6% of the outputs, 16% at 30 away (tests/test_vqvae.py). cdist's
+    direct mode sums (z - e_j)^2 without an (N, K, D) intermediate, and autocast keeps it in float32 (a matmul
+    would run in bf16 under --amp).
     """
-    distances = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)  # (N, K)
+    # ||z - e_j||_2 = sqrt(sum_d (z_d - e_jd)^2), exact to rounding; the sqrt keeps the order of the squares
+    distances = torch.cdist(z, codebook, compute_mode="donot_use_mm_for_euclid_dist")  # (N, K)
     return distances.argmin(1)
 
 

@@ -1,7 +1,8 @@
 """ffjord.py: the instantaneous change of variables against a linear field whose flow and log-determinant are
 closed form, Hutchinson's estimator against exact traces (all Rademacher probes enumerated), round trips, the
 multiscale log-determinant against autograd, the regularizers against quadrature, adjoint against direct
-gradients, a trained 2D density integrating to 1, and end-to-end runs."""
+gradients, the integration time and the samples in the model's dtype, a trained 2D density integrating to 1, and
+end-to-end runs."""
 
 import itertools
 import json
@@ -59,6 +60,43 @@ def test_linear_field_flow_and_log_density_match_closed_form():
     log_px, _ = model.log_prob(x, exact=True)
     closed_form = torch.distributions.MultivariateNormal(torch.zeros(3), torch.eye(3)).log_prob(expected_z)
     assert torch.allclose(log_px, closed_form + T * torch.trace(A), atol=1e-8)
+
+
+class TimeField(nn.Module):
+    """dz/dt = t c: z(T) = z(0) + T^2 / 2 c, which a Runge-Kutta method of order >= 2 (and dopri5's
+    interpolant) integrates exactly up to rounding. The 0 z keeps z in the graph (tr(df/dz) = 0)."""
+
+    def __init__(self, c: torch.Tensor):
+        super().__init__()
+        self.c = nn.Parameter(c)
+
+    def forward(self, t, z):
+        return t * self.c + 0 * z
+
+
+def test_a_float64_cnf_integrates_to_exactly_its_time_length():
+    """Built in float32 (the default dtype) and converted with .double(), a CNF with T = 1.7 must integrate to
+    1.7 in float64, not to float32's 1.7000000477 (which moves z(T) here by 1.6e-7)."""
+    torch.set_default_dtype(torch.float32)
+    cnf = ffjord.CNF(TimeField(torch.tensor([1.0, -2.0, 0.5])), time_length=1.7).double()
+    torch.set_default_dtype(torch.float64)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    expected = x + 1.7**2 / 2 * cnf.func.net.c.detach()
+    for exact in (True, False):
+        z, log_det, _ = cnf(x, exact=exact)
+        assert z.dtype == torch.float64
+        assert torch.allclose(z, expected, rtol=0, atol=1e-12), (z - expected).abs().max()
+        assert torch.equal(log_det, torch.zeros(4))
+    assert torch.allclose(cnf.inverse(expected), x, rtol=0, atol=1e-12)
+
+
+def test_sampler_follows_the_model_dtype():
+    torch.set_default_dtype(torch.float32)
+    model = ffjord.FFJORD((2,), hidden=(4,)).double()
+    images = ffjord.FFJORD((1, 4, 4), hidden=(4,), solver="rk4", step_size=0.5).double()
+    torch.set_default_dtype(torch.float64)
+    assert ffjord.sample(model, 3).dtype == torch.float64
+    assert ffjord.sample(images, 2).shape == (2, 1, 4, 4) and ffjord.sample(images, 2).dtype == torch.float64
 
 
 def test_hutchinson_log_det_through_the_solver_is_unbiased_over_all_probes():

@@ -1,6 +1,7 @@
 """flows.py: every layer's log-det against slogdet of the autograd Jacobian, round trips, the invertibility
-constraints, MADE's triangular Jacobian, Glow's 1x1 conv log-det, the Russian-roulette estimator and its
-Neumann gradient against the exact values, amortized VAE posteriors, and a trained 2D density's mass."""
+constraints, MADE's triangular Jacobian, Glow's 1x1 conv log-det, couplings of odd dimension, the Russian-roulette
+estimator and its Neumann gradient against the exact values, amortized VAE posteriors, samplers in the model's
+dtype, and a trained 2D density's mass."""
 
 import math
 
@@ -116,6 +117,44 @@ def test_log_det_equals_slogdet_of_jacobian_and_round_trip(name, kind):
     # numerical inverse the sum-to-zero check above ties it to the forward log-det
     if name not in NUMERIC_INVERSE:
         assert torch.allclose(log_det_inv, per_example_logdet(lambda v: layer.inverse(v)[0], z), atol=1e-6), name
+
+
+@pytest.mark.parametrize("dim", [3, 5])
+@pytest.mark.parametrize("kind", ["nice", "realnvp", "glow"])
+def test_couplings_of_odd_dimension_are_bijections_with_the_jacobian_log_det(kind, dim):
+    """Odd D: Glow's coupling conditions on the first floor(D/2) coordinates and transforms the other ceil(D/2)
+    (x.chunk(2) used to hand its net ceil(D/2) inputs); NICE and RealNVP alternate their masks."""
+    flow = randomize(flows.toy_flow(kind, dim, 3, 16))
+    x = make_input(kind, (dim,))
+    z, log_det = flow(x)
+    assert z.shape == x.shape and log_det.shape == (3,)
+    assert torch.allclose(log_det, per_example_logdet(lambda v: flow(v)[0], x), rtol=0, atol=1e-10), kind
+    x_back, log_det_inv = flow.inverse(z)
+    assert torch.allclose(x_back, x, rtol=0, atol=1e-12), kind  # exact up to rounding
+    assert torch.allclose(log_det + log_det_inv, torch.zeros(3), rtol=0, atol=1e-12), kind
+    assert torch.allclose(log_det_inv, per_example_logdet(lambda v: flow.inverse(v)[0], z), rtol=0, atol=1e-10)
+    if kind == "glow":  # every coupling of the flow transformed ceil(D/2) coordinates, and left floor(D/2)
+        coupling = flow.layers[2]
+        moved = coupling(x)[0] != x
+        assert not moved[:, : dim // 2].any() and moved[:, dim // 2 :].all()
+    assert flows.sample(flow, 4).shape == (4, dim)
+
+
+def test_samplers_follow_the_model_dtype():
+    """A model built in float32 (the default dtype) and converted with .double() samples in float64."""
+    torch.set_default_dtype(torch.float32)
+    toy = flows.toy_flow("glow", 2, 2, 8).double()
+    images = flows.image_flow("glow", (1, 4, 4), levels=2, depth=1, width=4).double()
+    energy = flows.energy_flow("planar", 2).double()
+    vae = flows.FlowVAE(6, 3, 8, "planar", 2).double()
+    assert flows.sample(toy, 5).dtype == torch.float64
+    assert flows.sample(images, 2, temperature=0.7).dtype == torch.float64
+    for model in (toy, energy):
+        x, log_q = model.sample_with_log_prob(5)
+        assert x.dtype == log_q.dtype == torch.float64
+    assert flows.sample_vae(vae, 5).dtype == torch.float64
+    z, log_q = vae.posterior(torch.bernoulli(torch.full((2, 6), 0.5, dtype=torch.float64)), 3)
+    assert z.dtype == log_q.dtype == torch.float64
 
 
 @pytest.mark.parametrize("kind", ["orthogonal", "householder", "triangular"])
