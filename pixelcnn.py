@@ -138,8 +138,8 @@ def lstm_update(gates: torch.Tensor, c: torch.Tensor, dim: int = 1) -> tuple[tor
     # Eq. 3: [o, f, i, g] = [sigma, sigma, sigma, tanh](K^ss * h_{i-1} + K^is * x_i)
     #        c_i = f . c_{i-1} + i . g,   h_i = o . tanh(c_i)
     sigmoids, g = gates.split([3 * c.shape[dim], c.shape[dim]], dim=dim)
-    o, f, i = sigmoids.sigmoid().chunk(3, dim=dim)
-    c = f * c + i * torch.tanh(g)
+    o, f, i = sigmoids.sigmoid().chunk(3, dim=dim)  # one sigmoid for the three gates
+    c = torch.addcmul(f * c, i, torch.tanh(g))  # f . c + i . g
     return o * torch.tanh(c), c
 
 
@@ -183,19 +183,33 @@ class RowLSTM(nn.Module):
         self.output = MaskedConv2d(hidden, 2 * hidden, (1, 1), "B", colors)  # residual: h -> 2h (Fig. 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, rows, width = x.shape
-        x_rows = self.input_to_state(x).permute(2, 0, 3, 1).unbind(0)  # H rows (B, W, 4h), channels last
-        h = c = x.new_zeros(b, width, self.hidden)
-        states = []
-        for x_row in x_rows:
-            # Eq. 3 for row i: gates = K^ss * h_{i-1} + K^is * x_i, all columns at once; K^ss reads columns
-            # j - (k-1)/2 .. j + (k-1)/2 of the row above (zero beyond the edges)
-            padded = F.pad(h, (0, 0, self.k // 2, self.k // 2))  # (B, W + k - 1, h)
-            taps = torch.cat([padded[:, t : t + width] for t in range(self.k)], dim=2)  # (B, W, k h)
-            h, c = lstm_update(x_row + self.state_to_state(taps), c, dim=2)  # (B, W, h)
-            states.append(h)
-        return x + self.output(torch.stack(states).permute(1, 3, 0, 2))  # states (H, B, W, h) -> (B, h, H, W)
+        """(B, 2h, H, W) -> (B, 2h, H, W), fastest when x is stored batch innermost (see `batch_innermost`).
 
+        Rows are laid out channels first with the batch innermost, (4h, W B): a gate is a contiguous block, and
+        the k taps of K^ss are views of one zero-padded copy of the row above, stacked for one matmul per row."""
+        b, _, rows, width = x.shape
+        k, pad = self.k, self.k // 2
+        # K^is for the whole image in one matmul: taps j - k//2 .. j of the 1 x k kernel (the mask B zeroes those
+        # right of j) stacked tap-major, with the biases of K^is and K^ss folded in
+        K_is = (self.input_to_state.weight * self.input_to_state.mask)[:, :, 0, : pad + 1]  # (4h, 2h, k//2 + 1)
+        u = F.pad(x.permute(1, 2, 3, 0), (0, 0, pad, 0))  # (2h, H, W + k//2, B), zero left of the row
+        taps = torch.cat([u[:, :, t : t + width] for t in range(pad + 1)])  # ((k//2 + 1) 2h, H, W, B)
+        bias = (self.input_to_state.bias + self.state_to_state.bias)[:, None]  # (4h, 1)
+        x_is = torch.addmm(bias, K_is.transpose(1, 2).flatten(1), taps.flatten(1)).view(-1, rows, width * b)
+        h = c = x.new_zeros(self.hidden, width * b)
+        states = []
+        for i, gates in enumerate(x_is.unbind(1)):  # (4h, W B) for row i
+            # Eq. 3 for row i: gates = K^ss * h_{i-1} + K^is * x_i, all columns at once; K^ss reads columns
+            # j - k//2 .. j + k//2 of the row above (zero beyond the edges), and nothing above the first row
+            if i > 0:
+                padded = F.pad(h, (pad * b, pad * b))  # (h, (W + k - 1) B)
+                taps = torch.cat([padded[:, t * b : (t + width) * b] for t in range(k)])  # (k h, W B), tap-major
+                gates = torch.addmm(gates, self.state_to_state.weight, taps)  # (4h, W B)
+            h, c = lstm_update(gates, c, dim=0)  # (h, W B)
+            states.append(h)
+        states = torch.stack(states, dim=1).flatten(1)  # (h, H W B)
+        out = torch.addmm(self.output.bias[:, None], (self.output.weight * self.output.mask)[:, :, 0, 0], states)
+        return x + out.view(-1, rows, width, b).permute(3, 0, 1, 2)  # (2h, H, W, B) -> (B, 2h, H, W)
 
     def pixel(self, u: torch.Tensor, i: int, j: int, cache: dict) -> torch.Tensor:
         """The layer at one pixel, for sampling: input u (B, 2h) at (i, j) -> output (B, 2h), from the inputs
@@ -235,6 +249,23 @@ def unskew(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.gather(3, index)
 
 
+def diagonal_order(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """(2, H W): the pixels (flat index i W + j) in the order the column scan visits them, left-to-right and
+    right-to-left. The skew (Fig. 3) makes diagonal i + j column i + j of the skewed map, with pixel (i, j) in
+    its row i; the scan reads column by column, top to bottom, and visits only the positions holding a pixel.
+    The right-to-left direction is the same order on the mirrored image, column i + (W - 1 - j)."""
+    i, j = torch.meshgrid(torch.arange(rows, device=device), torch.arange(width, device=device), indexing="ij")
+    left_to_right = ((i + j) * rows + i).flatten().argsort()  # sorted by (column, row) of the skewed map
+    right_to_left = ((i + width - 1 - j) * rows + i).flatten().argsort()
+    return torch.stack([left_to_right, right_to_left])
+
+
+def diagonal_lengths(rows: int, width: int) -> list[int]:
+    """Pixels in each of the W + H - 1 columns of the skewed map: column t holds rows max(0, t - W + 1) ..
+    min(t, H - 1)."""
+    return [min(t, rows - 1) - max(0, t - width + 1) + 1 for t in range(width + rows - 1)]
+
+
 class DiagonalBiLSTM(nn.Module):
     """Sec. 3.2: two LSTMs along the diagonals, from the top-left and from the top-right.
 
@@ -244,6 +275,10 @@ class DiagonalBiLSTM(nn.Module):
     row before it is added, since at row i it has already read the pixels to the right of x_i. Together the two
     directions see the whole context x_<i at every layer. Both directions run in the same loop, each with its
     own kernel (a batched matmul), which halves the sequential steps.
+
+    The scan visits only the H W positions of the skewed map that hold a pixel (`diagonal_order`), channels
+    first with the batch innermost, so column t is a contiguous (2, 4h, n_t B) block; positions outside the
+    image would hold zero states (the zero boundary in "Deviations"), so skipping them is exact.
     """
 
     def __init__(self, hidden: int, colors: int):
@@ -258,26 +293,27 @@ class DiagonalBiLSTM(nn.Module):
         self.state_bias = nn.Parameter(torch.empty(2, 1, 4 * hidden).uniform_(-bound, bound))
         self.output = MaskedConv2d(hidden, 2 * hidden, (1, 1), "B", colors)  # residual: h -> 2h (Fig. 5)
 
-    def scan(self, x_is: torch.Tensor) -> torch.Tensor:
-        """Column LSTM on the skewed map, both directions: x_is (B, 2, 4h, H, W) -> states (B, 2, h, H, W)."""
-        b, _, _, rows, width = x_is.shape
-        skewed = skew(x_is.flatten(1, 2)).unflatten(1, (2, -1))  # (B, 2, 4h, H, W + H - 1)
-        columns = skewed.permute(4, 0, 1, 3, 2).unbind(0)  # W + H - 1 columns (B, 2, H, 4h), channels last
-        # 1 where a skewed position holds a pixel: states elsewhere are held at zero, the same zero boundary as
-        # above the first row (and what the pixel-by-pixel sampler assumes)
-        inside = skew(x_is.new_ones(1, 1, rows, width)).permute(3, 0, 1, 2)[..., None]  # (W + H - 1, 1, 1, H, 1)
-        h = c = x_is.new_zeros(b, 2, rows, self.hidden)
+    def scan(self, x_is: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+        """Column LSTM on the skewed map, both directions: x_is (2, 4h, H W B) -> states (2, h, H W B), both in
+        `diagonal_order`, the batch innermost."""
+        b = x_is.shape[2] // (rows * width)
+        K_ss = self.state_to_state.transpose(1, 2)  # (2, 4h, 2h): [state above, state left] -> gates
         states = []
-        for x_col, inside_col in zip(columns, inside):
-            # in skewed coordinates the state above is row r - 1 and the state to the left is row r, both of
-            # the previous column: K^ss * h = [h_{r-1}, h_r] @ K^ss
-            above = F.pad(h, (0, 0, 1, 0))[:, :, :rows]  # (B, 2, H, h), zero above the first row
-            recurrent = torch.cat([above, h], dim=3) @ self.state_to_state + self.state_bias  # (B, 2, H, 4h)
-            h, c = lstm_update(x_col + recurrent, c, dim=3)
-            h, c = h * inside_col, c * inside_col
-            states.append(h)
-        states = torch.stack(states, dim=4).transpose(2, 3)  # (B, 2, h, H, W + H - 1)
-        return unskew(states.flatten(1, 2), width).unflatten(1, (2, -1))
+        for t, x_col in enumerate(x_is.split([n * b for n in diagonal_lengths(rows, width)], dim=2)):
+            if t == 0:  # pixel (0, 0): nothing above or to the left
+                h, c = lstm_update(x_col, x_col.new_zeros(2, self.hidden, b), dim=1)
+            else:
+                # column t - 1 with zero states where it has no neighbour of column t's n pixels: one row above
+                # its first while t < W (row 0 has nothing above), one below its last while t < H (the new row
+                # has nothing to its left). That makes n + 1 rows: the first n are above column t's pixels (row
+                # r - 1), the last n to their left (row r).
+                top, bottom = b * (t < width), b * (t < rows)
+                above, left = F.pad(h, (top, bottom - b)), F.pad(h, (top - b, bottom))  # (2, h, n B)
+                # Eq. 3, K^ss a 2 x 1 kernel: gates = K^is * x + K^ss [h_above; h_left] (biases are in x_is)
+                gates = torch.baddbmm(x_col, K_ss, torch.cat([above, left], dim=1))  # (2, 4h, n B)
+                h, c = lstm_update(gates, F.pad(c, (top - b, bottom)), dim=1)  # c of the state to the left
+            states.append(h)  # (2, h, n B)
+        return torch.cat(states, dim=2)
 
     def pixel(self, u: torch.Tensor, i: int, j: int, cache: dict) -> torch.Tensor:
         """The layer at one pixel, for sampling: input u (B, 2h) at (i, j) -> output (B, 2h). Uses the states at
@@ -305,10 +341,28 @@ class DiagonalBiLSTM(nn.Module):
             cache["h_rl"][:, i, j], cache["c_rl"][:, i, j] = lstm_update(gates, c_right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        is_lr, is_rl = self.input_to_state(x).chunk(2, dim=1)  # (B, 4h, H, W) each
-        h_lr, h_rl = self.scan(torch.stack([is_lr, is_rl.flip(3)], dim=1)).unbind(1)  # right-to-left: mirrored
-        h_rl = F.pad(h_rl.flip(3), (0, 0, 1, 0))[:, :, :-1]  # mirror back, shift down one row: row i gets i - 1
-        return x + self.output(h_lr + h_rl)
+        """(B, 2h, H, W) -> (B, 2h, H, W), fastest when x is stored batch innermost (see `batch_innermost`)."""
+        b, _, rows, width = x.shape
+        n, hidden = rows * width, self.hidden
+        order = diagonal_order(rows, width, x.device)  # (2, H W)
+        # the input at every pixel in each direction's scan order: (2, 2h, H W B)
+        u = x.permute(1, 2, 3, 0).flatten(1, 2).index_select(1, order.flatten()).view(-1, 2, n * b).transpose(0, 1)
+        # input-to-state: the 1x1 mask-B convolution as a matrix per direction, with the state-to-state bias
+        K_is = (self.input_to_state.weight * self.input_to_state.mask).view(2, 4 * hidden, 2 * hidden)
+        bias = self.input_to_state.bias.view(2, 4 * hidden, 1) + self.state_bias.transpose(1, 2)  # (2, 4h, 1)
+        states = self.scan(torch.baddbmm(bias, K_is, u), rows, width).view(2, hidden, n, b)
+        inverse = order.argsort(dim=1)  # scan position of each pixel
+        h_lr, h_rl = (s.index_select(1, index) for s, index in zip(states, inverse))  # (h, H W, B) raster order
+        h_rl = F.pad(h_rl[:, : n - width], (0, 0, width, 0))  # right-to-left shifted down: row i gets i - 1
+        out = torch.addmm(self.output.bias[:, None], (self.output.weight * self.output.mask)[:, :, 0, 0],
+                          (h_lr + h_rl).flatten(1))  # (2h, H W B)
+        return x + out.view(-1, rows, width, b).permute(3, 0, 1, 2)  # (2h, H, W, B) -> (B, 2h, H, W)
+
+
+def batch_innermost(x: torch.Tensor) -> torch.Tensor:
+    """The same (B, C, H, W) values stored as (C, H, W, B): the layout in which the LSTM layers lay out their
+    rows and columns, (C, pixels x B); a layer given it returns it, since x + output keeps x's layout."""
+    return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +389,10 @@ class PixelRNN(nn.Module):
         self.context_rows = 3 + layers if arch == "pixelcnn" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layers(self.first(x))  # (B, 2h, H, W)
+        h = self.first(x)  # (B, 2h, H, W)
+        if self.arch != "pixelcnn":
+            h = batch_innermost(h)  # the LSTM layers' layout, which they keep: no transposes between them
+        h = self.layers(h)  # (B, 2h, H, W)
         logits = self.out2(F.relu(self.out1(F.relu(h))))  # (B, C * K, H, W)
         return logits.unflatten(1, (self.colors, self.levels))  # (B, C, K, H, W)
 
