@@ -7,6 +7,8 @@ Trained with L_simple (Eq. 14), sampled with Algorithm 2 or DDIM, evaluated by t
     python ddpm.py --quick --dataset 8gaussians       # under a minute on a CPU: the MLP on a 2D toy
     python ddpm.py --quick --dataset mnist            # minutes on a CPU: a small U-Net, 1000 steps
     python ddpm.py --dataset cifar10                  # the paper's 35.7M-parameter U-Net, 800k steps (GPU)
+    python ddpm.py --dataset cifar10 --amp --compile  # the same in bf16, compiled (channels-last is on for cuda)
+    python -m results.bench --gpu-ddpm --device cuda  # that training step and sampling in images/s, against lucidrains'
     python ddpm.py --dataset cifar10 --amp --fid --eval-t 100 --sampler ddim --sample-steps 100   # faster checks
     python ddpm.py --dataset 8gaussians --batch-size 256 --steps 6000 --lr 1e-3 --warmup 100 --ema-decay 0.999
     torchrun --nproc_per_node=8 ddpm.py --dataset cifar10 --batch-size 16 --amp
@@ -74,7 +76,7 @@ class Args:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     threads: int = 0  # CPU threads for torch (0: torch's default, one per core or $OMP_NUM_THREADS); >= 0
     amp: bool = False  # bf16 autocast on cuda
-    channels_last: bool | None = None  # U-Net weights and activations in channels-last (NHWC) memory (None: on cuda only)
+    channels_last: bool | None = None  # U-Net weights and activations in channels-last (NHWC) memory (None: cuda only)
     compile: bool = False  # torch.compile the network (its first steps compile it, minutes; faster after, on a GPU)
     data_dir: str = ""  # dataset cache (default: $DATA_DIR or ./data)
     out: str = ""  # run folder (default: runs/ddpm-<dataset>)
@@ -88,7 +90,7 @@ QUICK = dict(dataset="mnist", steps=1000, batch_size=64, channels=32, channel_mu
 PERIODIC_EVAL_T = 20  # stratified timesteps per example in the evaluations during training
 PERIODIC_EVAL_N_CPU = 1000  # test examples in the evaluations during training on a CPU (the final one: --eval-n)
 ROWS_PER_CHUNK = 4096  # (example, t) pairs per noise draw in the bound (toys; images use ROWS_PER_CHUNK // 16)
-PIXELS_PER_CALL = 32 * 28 * 28  # CPU: (example, t) pairs x pixels per network call in the bound (measured: README)
+VALUES_PER_CALL = 2**15  # CPU: values (pairs x C x H x W) per network call of the bound: 41 MNIST pairs, 10 CIFAR-10
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,9 +178,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b (h w) c", three=3)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, (B, HW, C)
-        return x + self.proj(rearrange(out, "b (h w) c -> b c h w", h=h, w=w))
+        # (B, 1 head, HW, 3C) with channels innermost: the fused attention kernels take only 4-D inputs whose last
+        # dimension is contiguous (otherwise the unfused math runs, 3x slower on a CPU at 14x14); the copy is free
+        # when the activations are channels-last
+        qkv = rearrange(self.qkv(self.norm(x)), "b c h w -> b 1 (h w) c").contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)  # each (B, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, (B, 1, HW, C)
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 
 class UNet(nn.Module):
@@ -353,15 +359,17 @@ def prior_kl(model: Diffusion, x0: torch.Tensor) -> torch.Tensor:
 def bound_terms(model: Diffusion, x0: torch.Tensor, t: torch.Tensor, net_rows: int = 0) -> torch.Tensor:
     """One-sample estimate of L_{t-1} for each pair (x0[i], t[i]), nats (B,):
     t > 1: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)); t = 1: L_0 = -log p_theta(x_0 | x_1).
-    The noise is drawn for all B pairs at once; the network sees them `net_rows` at a time (0: all)."""
+    The noise is drawn for all B pairs at once; the network sees at most `net_rows` of them at a time (0: all)."""
     x_t = model.q_sample(x0, t, torch.randn_like(x0))
-    n = net_rows or len(x0)
-    eps_pred = torch.cat([model.net(xb, tb) for xb, tb in zip(x_t.split(n), t.split(n))]) if n < len(x0) \
-        else model.net(x_t, t)
+    calls = -(-len(x0) // net_rows) if net_rows else 1  # equal calls of at most net_rows pairs
+    eps_pred = model.net(x_t, t) if calls <= 1 else \
+        torch.cat([model.net(xb, tb) for xb, tb in zip(x_t.tensor_split(calls), t.tensor_split(calls))])
     mean = model.p_mean(x_t, t, eps_pred.to(x0.dtype))
     var = model._at("sigma2", t, x0)
     q_mean, q_var = model.q_posterior(x0, x_t, t)
     kl = normal_kl(q_mean, q_var.clamp(min=1e-30).expand_as(x0), mean, var.expand_as(x0))  # Ho et al., Eq. 5
+    if not bool((t == 1).any()):  # no L_0 among these pairs: skip the decoder's log-CDFs (a host sync on a GPU)
+        return kl
     decoder = discretized_gaussian_log_prob if model.kind == "8bit" else gaussian_log_prob
     return torch.where(t == 1, -decoder(x0, mean, var), kl)
 
@@ -378,9 +386,9 @@ def stratified_timesteps(n: int, k: int, T: int, device) -> tuple[torch.Tensor, 
 
 
 def bound_net_rows(x0: torch.Tensor) -> int:
-    """(example, t) pairs per network call in the bound: on a CPU, PIXELS_PER_CALL pixels (the activations then
+    """(example, t) pairs per network call in the bound: on a CPU, VALUES_PER_CALL values (the activations then
     stay in cache); on a GPU, 0 (every pair of a noise draw in one call)."""
-    return max(1, PIXELS_PER_CALL // x0[0].numel()) if x0.device.type == "cpu" else 0
+    return max(1, VALUES_PER_CALL // x0[0].numel()) if x0.device.type == "cpu" else 0
 
 
 @torch.no_grad()
@@ -622,8 +630,9 @@ def train(args: Args) -> dict:
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = build_model(data, args).to(device)
     if args.channels_last if args.channels_last is not None else device.type == "cuda":
-        # NHWC weights: every convolution's output, and so every activation after the first, is NHWC too, which
-        # is the layout of the GPU's bf16 convolution kernels (on a CPU, oneDNN's are not faster for this U-Net)
+        # NHWC weights: every convolution's output, and so every activation after the first, is NHWC too, the
+        # layout of the GPU's bf16 convolution kernels (on a CPU the bound ran 10% slower so: torch's NHWC
+        # GroupNorm took 8x the time of its NCHW one, more than the convolutions gained)
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
     optimizer = common.adam(model.parameters(), lr=args.lr)

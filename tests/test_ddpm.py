@@ -2,6 +2,7 @@
 bound's terms, the discretized decoder, the samplers and the bound against Gaussian data with the optimal noise
 predictor, the Fréchet distance against closed forms; the U-Net's size; end-to-end runs and resume."""
 
+import copy
 import dataclasses
 import math
 
@@ -11,7 +12,7 @@ from torch import nn
 
 import common
 import ddpm
-from helpers import needs_mnist, run_script
+from helpers import data_dir, needs_mnist, run_script
 
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
@@ -289,6 +290,104 @@ def test_ema_follows_the_weights_with_warm_up():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+def small_unet_diffusion(T: int = 40, dropout: float = 0.1) -> ddpm.Diffusion:
+    """An 8x8 U-Net whose zero-initialized layers are redrawn, so its output (and gradient) depends on its input."""
+    torch.manual_seed(0)
+    net = ddpm.UNet((1, 8, 8), 32, (1, 2), 1, (4,), dropout)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.05)
+    return ddpm.Diffusion(net, "8bit", T)
+
+
+def test_attention_block_is_single_head_softmax_attention():
+    torch.manual_seed(0)
+    block = ddpm.AttnBlock(32)
+    nn.init.normal_(block.proj.weight, std=0.1)
+    x = torch.randn(2, 32, 4, 4)
+    qkv = block.qkv(block.norm(x)).flatten(2)  # (B, 3C, HW): q, k, v are the first, second, third C channels
+    q, k, v = qkv[:, :32], qkv[:, 32:64], qkv[:, 64:]
+    weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(32), dim=-1)  # (B, HW query, HW key)
+    expected = x + block.proj((v @ weights.transpose(1, 2)).view(2, 32, 4, 4))
+    assert torch.allclose(block(x), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_t", [0, 10])
+def test_bound_does_not_depend_on_how_many_pairs_the_network_sees_at_once(num_t):
+    model = small_unet_diffusion().eval()
+    x0 = ddpm.to_model(torch.rand(3, 1, 8, 8), "8bit")
+    results = []
+    for net_rows in (0, 1, 7, 32, None):  # the noise is drawn per block of `rows` pairs whatever net_rows is
+        torch.manual_seed(1)
+        results.append(ddpm.nll_bound(model, x0, num_t, rows=32, net_rows=net_rows))
+    for other in results[1:]:
+        for key, value in results[0].items():
+            assert torch.allclose(other[key], value, rtol=1e-11, atol=1e-11), key
+    assert ddpm.bound_net_rows(x0) == ddpm.VALUES_PER_CALL // 64
+
+
+def test_a_float64_model_samples_and_bounds_in_float64_with_the_exact_schedule():
+    torch.set_default_dtype(torch.float32)  # built in float32, then .double(), as a user would
+    torch.manual_seed(0)
+    model = ddpm.Diffusion(ddpm.MLP(2, 16), "toy", T=100, variance="posterior").double()
+    assert model.alphas_cumprod.dtype == torch.float64
+    assert torch.equal(model.alphas_cumprod, torch.cumprod(1 - ddpm.linear_betas(100), 0))  # not float32 widened
+    torch.set_default_dtype(torch.float64)
+    reference = ddpm.Diffusion(copy.deepcopy(model.net), "toy", T=100, variance="posterior")  # built in float64
+    torch.set_default_dtype(torch.float32)
+    for name in ("betas", "alphas", "alphas_cumprod", "posterior_var", "sigma2"):
+        assert torch.equal(getattr(model, name), getattr(reference, name)), name
+    for sampler, steps in (("ancestral", 0), ("ddim", 10)):
+        torch.manual_seed(2)
+        x, frames = ddpm.sample(model, 4, (2,), sampler, steps, keep=3)
+        assert x.dtype == torch.float64 and all(f.dtype == torch.float64 for f in frames)
+    x0 = torch.randn(8, 2, dtype=torch.float64)
+    torch.manual_seed(1)
+    parts = ddpm.nll_bound(model, x0, num_t=0)
+    torch.manual_seed(1)
+    expected = ddpm.nll_bound(reference, x0, num_t=0)
+    for key, value in parts.items():
+        assert value.dtype == torch.float64 and torch.allclose(value, expected[key], rtol=1e-12, atol=1e-12), key
+    images = small_unet_diffusion(T=20)  # the U-Net too (built in float32 here), and back to float32
+    x, _ = ddpm.sample(images.double(), 2, (1, 8, 8), "ddim", 3)
+    assert x.dtype == torch.float64
+    assert images.float().alphas_cumprod.dtype == torch.float32
+    assert ddpm.sample(images, 2, (1, 8, 8), "ddim", 3)[0].dtype == torch.float32
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    model = small_unet_diffusion(T=100, dropout=0.0)
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    weight = nhwc.net.down[0][0].conv1.weight  # (32, 32, 3, 3)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    x0 = ddpm.to_model(torch.rand(4, 1, 8, 8), "8bit")
+    losses, grads = [], []
+    for m in (model, nhwc):
+        torch.manual_seed(1)
+        loss, _ = m(x0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in m.parameters()])
+    assert torch.allclose(losses[0], losses[1], rtol=1e-12)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@needs_mnist
+def test_channels_last_run_trains_with_nhwc_weights(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    args = dataclasses.replace(ddpm.Args(), dataset="mnist", data_dir=data_dir(), channels=32, channel_mult=(1, 2),
+                               num_res_blocks=1, steps=3, batch_size=8, warmup=1, eval_n=4, eval_t=2, eval_every=100,
+                               sampler="ddim", sample_steps=2, log_every=1, ckpt_every=100, device="cpu",
+                               channels_last=True, out=str(tmp_path / "run"))
+    assert "nll_bpd" in ddpm.train(args)
+    ckpt = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for part in ("model", "ema"):
+        key = "net.down.0.0.conv1.weight" if part == "model" else "model.net.down.0.0.conv1.weight"
+        assert ckpt[part][key].is_contiguous(memory_format=torch.channels_last), part
+    assert ckpt["config"]["channels_last"] is True and ckpt["config"]["compile"] is False
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def run_ddpm(*flags, timeout=300):
     return run_script("ddpm.py", *flags, timeout=timeout)
@@ -298,6 +397,13 @@ def test_help_lists_options_with_defaults():
     result = run_ddpm("--help")
     assert result.returncode == 0
     for text in ("--schedule", "--variance", "--sampler", "--eval-t", "--ema-decay", "--fid", "--quick", "0.9999"):
+        assert text in result.stdout
+
+
+def test_help_lists_the_gpu_options():
+    result = run_ddpm("--help")
+    assert result.returncode == 0
+    for text in ("--amp", "--channels-last", "--no-channels-last", "--compile"):
         assert text in result.stdout
 
 
