@@ -1,0 +1,85 @@
+"""results/bench.py: every model file has a row, the command-line options, and the tiny configurations run on a
+CPU and print a markdown table of the advertised shape (peers skipped with a note when not installed). No timing
+is asserted: the figures depend on the machine and its load."""
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+from results import bench
+
+MODEL_FILES = sorted(p.stem for p in ROOT.glob("*.py") if p.name != "common.py")
+HEADER = "| model | config | ours | peer | ratio (ours / peer time) |"
+
+
+def run_bench(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "results.bench", *flags], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env, check=False)
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of the table's body rows, after checking the header and the separator line."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    assert lines[0] == HEADER and lines[1] == "| --- | --- | --- | --- | --- |", lines[:2]
+    rows = [[cell.strip() for cell in ln.strip("|").split(" | ")] for ln in lines[2:]]
+    assert all(len(r) == 5 for r in rows), rows
+    return rows
+
+
+def test_every_model_file_has_a_row():
+    assert MODEL_FILES
+    assert set(MODEL_FILES) <= {key.split("-")[0] for key in bench.ROWS}
+
+
+def test_help_lists_the_options_with_defaults():
+    result = run_bench("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for text in ("--device", "--threads", "--only", "--repeats", "--gpu-ddpm", "--tiny", "--compile",
+                 "(default: cpu)", "(default: 5)"):
+        assert text in result.stdout, text
+
+
+def test_an_unknown_row_is_refused():
+    result = run_bench("--only", "nosuchmodel", "--tiny", timeout=60)
+    assert result.returncode != 0 and "matches no row" in result.stderr
+
+
+def check_peer_cells(stdout: str, rows: list[list[str]], package: str) -> None:
+    """Either every row has a peer and a ratio, or the bench said the peer is missing and printed dashes."""
+    if f"{package} is not installed" in stdout:
+        assert all(r[3] == "–" and r[4] == "–" for r in rows)
+    else:
+        assert all(r[3] != "–" and float(r[4]) > 0 for r in rows), rows
+
+
+def test_tiny_table_has_one_line_per_row_and_its_header():
+    result = run_bench("--only", "vae,flows-realnvp", "--tiny", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    assert "threads: 1" in result.stdout and "torch " in result.stdout and "load average" in result.stdout
+    rows = table_rows(result.stdout)
+    assert [r[0] for r in rows] == ["vae.py VAE", "flows.py RealNVP"]
+    assert rows[0][2].endswith("img/s") and rows[0][3] == "–" and rows[1][2].endswith("pt/s")
+    check_peer_cells(result.stdout, rows[1:], "normflows")
+
+
+def test_gpu_ddpm_tiny_runs_on_a_cpu():
+    result = run_bench("--gpu-ddpm", "--tiny", "--device", "cpu", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    assert "device: cpu" in result.stdout
+    rows = table_rows(result.stdout)
+    assert [r[0] for r in rows] == ["ddpm.py U-Net training step, NHWC", "ddpm.py U-Net training step, NCHW",
+                                    "ddpm.py sampling, NCHW"]
+    assert all("img/s" in r[2] for r in rows[:2]) and "samples/s at 1000 steps" in rows[2][2]
+    check_peer_cells(result.stdout, rows, "denoising-diffusion-pytorch")
+
+
+def test_a_missing_peer_gets_a_note_and_dashes(tmp_path):
+    (tmp_path / "normflows.py").write_text("raise ImportError('hidden by the test')\n")  # found before the real one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "results.bench", "--only", "flows-realnvp", "--tiny", "--repeats",
+                             "1"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "note: flows-realnvp: normflows is not installed" in result.stdout
+    assert table_rows(result.stdout)[0][3:] == ["–", "–"]
