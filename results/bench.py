@@ -4,13 +4,19 @@
     python -m results.bench --only ddpm,flows --repeats 9 --threads 1
     python -m results.bench --gpu-ddpm --device cuda # the paper's CIFAR-10 U-Net: ours against lucidrains' Unet
     python -m results.bench --gpu-ddpm --tiny        # the same at a tiny size, on any device (what the tests run)
+    git worktree add /tmp/before HEAD~3 && python -m results.bench --only pixelcnn --against /tmp/before
+                                                     # this version against an older one of the same files
 
 Each row builds the model and the optimizer from the model file's own classes, as its `train` does, and times
 the training step (forward, backward, optimizer step, and what else the file's step does: SGLD chains, EMA,
-gradient clipping) on a synthetic batch of the right shape, so no dataset is read. Where the same network
+gradient clipping) on a synthetic batch of the right shape, so no dataset is read. Three kinds of row time
+an evaluation path instead, untrained (the cost does not depend on the weights): ddpm-bound, the variational
+bound with 50 stratified t per image, and pixelcnn-sample-*, drawing whole images one sub-pixel at a time. Where the same network
 exists in a pip package (requirements-bench.txt), the peer's step is built at matched sizes and timed in the
 same run, ours and the peer's alternating `--repeats` times; the table gives the medians, and ratio = our time
 per step / the peer's (below 1: ours is faster). A peer that is not installed gets a one-line note and a "–".
+With --against DIR the peer column is instead the same row built from DIR's copy of the model file (an older
+checkout, say), timed in the same run: how a speed-up is measured without comparing against old numbers.
 
 --gpu-ddpm measures the configuration of Ho et al. 2020 (arXiv:2006.11239, Appendix B) on CIFAR-10: the 35.7M
 U-Net (128 channels, multipliers 1, 2, 2, 2, two residual blocks, attention at 16x16, dropout 0.1), batch 128,
@@ -21,7 +27,9 @@ torch.compile of our network, a few minutes more). On cuda it also counts host s
 """
 
 import argparse
+import contextlib
 import copy
+import importlib.util
 import dataclasses
 import os
 import platform
@@ -228,6 +236,18 @@ def row_ddpm(device, b):
     return row
 
 
+def row_ddpm_bound(device, b):
+    """Not a training step: the evaluation's bound, 50 stratified t per image, of the --quick U-Net (untrained)."""
+    import ddpm
+    a = dataclasses.replace(ddpm.Args(), **ddpm.QUICK)
+    data = fake_data("mnist", "8bit", (1, 28, 28))
+    model = ddpm.build_model(data, a).to(device).eval()
+    x = ddpm.to_model(batch(data, b, device)[0], "8bit")
+    return Row("ddpm-bound", "ddpm.py variational bound", f"8-bit MNIST, --quick U-Net, {a.eval_t} stratified t "
+               f"per image (evaluation, no gradient), {b} images", "img",
+               Side("ours", lambda: ddpm.nll_bound(model, x, a.eval_t), b), note="peer: none has this bound")
+
+
 def row_ebm_jem(device, b):
     import ebm_jem
     a = dataclasses.replace(ebm_jem.Args(), **ebm_jem.QUICK)
@@ -275,6 +295,18 @@ def row_pixelcnn(arch):
         return Row(f"pixelcnn-{arch}", f"pixelcnn.py {arch}",
                    f"binarized MNIST, paper size ({sizes['layers']} layers, h = {sizes['hidden']}), batch {b}", "img",
                    Side("ours", plain_step(model, opt, lambda: pixelcnn.loss(model(x).float(), x)[0]), b))
+    return build
+
+
+def row_pixelcnn_sample(arch):
+    def build(device, b):
+        """Not a training step: drawing b whole images (H W C sub-pixels in turn) from the untrained network."""
+        import pixelcnn
+        sizes = pixelcnn.paper_config(arch, "binarized_mnist")
+        model = pixelcnn.PixelRNN(arch, 1, 2, **sizes).to(device).eval()
+        return Row(f"pixelcnn-sample-{arch}", f"pixelcnn.py {arch} sampling",
+                   f"binarized MNIST 28x28, paper size, {b} images at once", "img",
+                   Side("ours", lambda: pixelcnn.sample(model, b, (1, 28, 28)), b), note="peer: not timed")
     return build
 
 
@@ -390,9 +422,11 @@ def row_ffjord(device, b):
 
 ROWS = {  # key -> (builder, batch size); --tiny divides the batch sizes
     "vae": (row_vae, 128), "iwae": (row_iwae, 20), "savae": (row_savae, 50), "vqvae": (row_vqvae, 64),
-    "nvae": (row_nvae, 32), "ddpm": (row_ddpm, 64), "ebm_jem": (row_ebm_jem, 32), "ncsn_sde": (row_ncsn_sde, 128),
+    "nvae": (row_nvae, 32), "ddpm": (row_ddpm, 64), "ddpm-bound": (row_ddpm_bound, 16), "ebm_jem": (row_ebm_jem, 32), "ncsn_sde": (row_ncsn_sde, 128),
     "pixelcnn-pixelcnn": (row_pixelcnn("pixelcnn"), 32), "pixelcnn-rowlstm": (row_pixelcnn("rowlstm"), 32),
-    "pixelcnn-diagbilstm": (row_pixelcnn("diagbilstm"), 32), "flows-realnvp": (row_flows_realnvp, 512),
+    "pixelcnn-diagbilstm": (row_pixelcnn("diagbilstm"), 32), "pixelcnn-sample-pixelcnn": (row_pixelcnn_sample(
+        "pixelcnn"), 16), "pixelcnn-sample-rowlstm": (row_pixelcnn_sample("rowlstm"), 16),
+    "pixelcnn-sample-diagbilstm": (row_pixelcnn_sample("diagbilstm"), 16), "flows-realnvp": (row_flows_realnvp, 512),
     "flows-maf-zuko": (row_flows_maf_zuko, 512), "flows-maf-nflows": (row_flows_maf_nflows, 512),
     "flows-glow": (row_flows_glow, 64), "ffjord": (row_ffjord, 200),
 }
@@ -475,15 +509,52 @@ def table(rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def model_file_from(folder: Path, name: str):
+    """While inside, `import name` gives folder/name.py (it still imports this checkout's common.py)."""
+    path = folder / f"{name}.py"
+    if not path.is_file():
+        refuse(f"--against {folder}: no {name}.py there")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        if saved is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved
+
+
+def against_side(args, key: str, build, device: torch.device, b: int) -> Side:
+    """The row's `ours` side built from the --against folder's copy of the model file."""
+    torch.manual_seed(0)
+    with model_file_from(args.against, key.split("-")[0]):
+        side = build(device, b).ours
+    side.name = f"{args.against.name}/{key.split('-')[0]}.py"
+    return side
+
+
 def run_table(args, device: torch.device) -> list[str]:
     keys = [k for k in ROWS if not args.only or any(k == o or k.startswith(o + "-") for o in args.only)]
     if not keys:
-        raise SystemExit(f"--only {','.join(args.only)} matches no row; rows: {', '.join(ROWS)}")
+        refuse(f"--only {','.join(args.only)} matches no row; rows: {', '.join(ROWS)}")
     out, notes = [], []
     for key in keys:
         build, b = ROWS[key]
         torch.manual_seed(0)
-        row = build(device, max(2, b // 16) if args.tiny else b)
+        b = max(2, b // 16) if args.tiny else b
+        row = build(device, b)
+        if args.against:
+            row.peer, row.note = against_side(args, key, build, device, b), ""
         sides = [row.ours] + ([row.peer] if row.peer else [])
         seconds = measure(sides, args.repeats, device, args.tiny)
         peer = f"{row.peer.name}: {rate(row.peer.items, seconds[1], row.unit)}" if row.peer else "–"
@@ -593,11 +664,15 @@ def parse_args(argv=None):
     p.add_argument("--gpu-ddpm", action="store_true", help="the paper's CIFAR-10 DDPM U-Net step and sampling, ours "
                                                            "against lucidrains' Unet (meant for --device cuda)")
     p.add_argument("--compile", action="store_true", help="with --gpu-ddpm: also time torch.compile of our network")
+    p.add_argument("--against", type=Path, default=None, help="a folder with other copies of the model files (an "
+                   "older checkout): its version of each row is timed in the peer column, in the same run")
     p.add_argument("--tiny", action="store_true", help="toy sizes and one step per block: a check that runs in "
                                                        "seconds on a CPU, not a measurement")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 0:
         p.error("--repeats must be >= 1 and --threads >= 0")
+    if args.against is not None and not args.against.is_dir():
+        p.error(f"--against {args.against}: not a folder")
     return args
 
 

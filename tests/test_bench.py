@@ -36,14 +36,14 @@ def test_every_model_file_has_a_row():
 def test_help_lists_the_options_with_defaults():
     result = run_bench("--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    for text in ("--device", "--threads", "--only", "--repeats", "--gpu-ddpm", "--tiny", "--compile",
+    for text in ("--device", "--threads", "--only", "--repeats", "--gpu-ddpm", "--tiny", "--compile", "--against",
                  "(default: cpu)", "(default: 5)"):
         assert text in result.stdout, text
 
 
 def test_an_unknown_row_is_refused():
     result = run_bench("--only", "nosuchmodel", "--tiny", timeout=60)
-    assert result.returncode != 0 and "matches no row" in result.stderr
+    assert result.returncode == 2 and "error: --only nosuchmodel matches no row" in result.stderr
 
 
 def check_peer_cells(stdout: str, rows: list[list[str]], package: str) -> None:
@@ -83,3 +83,20 @@ def test_a_missing_peer_gets_a_note_and_dashes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "note: flows-realnvp: normflows is not installed" in result.stdout
     assert table_rows(result.stdout)[0][3:] == ["–", "–"]
+
+
+def test_against_times_the_other_copy_of_the_model_file_as_the_peer(tmp_path):
+    copy = (ROOT / "vae.py").read_text() + "\nimport sys\nprint('the other copy was imported', file=sys.stderr)\n"
+    (tmp_path / "vae.py").write_text(copy)
+    result = run_bench("--only", "vae", "--tiny", "--repeats", "1", "--against", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "the other copy was imported" in result.stderr
+    [row] = table_rows(result.stdout)
+    assert row[3].startswith(f"{tmp_path.name}/vae.py: ") and row[3].endswith("img/s") and float(row[4]) > 0
+
+
+def test_against_refuses_a_folder_without_the_model_file(tmp_path):
+    result = run_bench("--only", "vae", "--tiny", "--against", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "no vae.py there" in result.stderr
+    result = run_bench("--against", str(tmp_path / "missing"), timeout=60)
+    assert result.returncode == 2 and "not a folder" in result.stderr
