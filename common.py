@@ -1486,6 +1486,11 @@ def progress(items, desc: str, total: int | None = None, unit: str = "img"):
             bar.update(len(item) if isinstance(item, torch.Tensor) else 1)
 
 
+def steps_bar(what: str):
+    """For a sampler's `progress` argument (a function wrapping its loop): a bar over the steps saying what is drawn."""
+    return lambda steps: progress(steps, what, len(steps), unit="step")
+
+
 def _fmt(value) -> str:
     """For reading: whole numbers without decimals, rates and large values with one or none, the rest four."""
     if not isinstance(value, float):

@@ -33,6 +33,7 @@ TPU v3-8). On 8gaussians the 5th command's bound is 2.863 nats against H(data) =
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -424,12 +425,13 @@ def nll_bound(model: Diffusion, x0: torch.Tensor, num_t: int = 0, rows: int = RO
 # Sampling
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0):
-    """Ho et al., Algorithm 2. Returns x_0 (n, ...) and `keep` snapshots of x_t from x_T to x_0."""
+def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0, progress: Callable = iter):
+    """Ho et al., Algorithm 2. Returns x_0 (n, ...) and `keep` snapshots of x_t from x_T to x_0. `progress`
+    wraps the loop over t (a progress bar, say)."""
     device = model.betas.device
     x = torch.randn(shape, device=device, dtype=model.betas.dtype)  # line 1: x_T ~ N(0, I), in the model's dtype
     frames, keep_at = [], _snapshot_steps(model.T, keep)
-    for t in range(model.T, 0, -1):  # line 2
+    for t in progress(range(model.T, 0, -1)):  # line 2
         if t in keep_at:
             frames.append(x)
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
@@ -440,13 +442,14 @@ def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0):
 
 
 @torch.no_grad()
-def sample_ddim(model: Diffusion, shape: tuple[int, ...], steps: int = 0, eta: float = 0.0, keep: int = 0):
+def sample_ddim(model: Diffusion, shape: tuple[int, ...], steps: int = 0, eta: float = 0.0, keep: int = 0,
+                progress: Callable = iter):
     """Song, Meng & Ermon 2021 (DDIM), Eq. 12 on `steps` evenly spaced timesteps T = tau_S > ... > tau_0 = 0."""
     device = model.betas.device
     taus = torch.linspace(model.T, 0, (steps or model.T) + 1).round().long().unique_consecutive().tolist()
     x = torch.randn(shape, device=device, dtype=model.betas.dtype)
     frames, keep_at = [], _snapshot_steps(model.T, keep, taus[:-1])
-    for t, s in zip(taus[:-1], taus[1:]):
+    for t, s in progress(list(zip(taus[:-1], taus[1:]))):
         if t in keep_at:
             frames.append(x)
         a_t, a_s = model.alphas_cumprod[t], model.alphas_cumprod[s]
@@ -471,11 +474,11 @@ def _snapshot_steps(T: int, keep: int, grid: list[int] | None = None) -> set[int
 
 @torch.no_grad()
 def sample(model: Diffusion, n: int, shape: tuple[int, ...], sampler: str = "ancestral", steps: int = 0,
-           eta: float = 0.0, keep: int = 0):
+           eta: float = 0.0, keep: int = 0, progress: Callable = iter):
     """n samples in the model's coordinates ([-1, 1] for images), and optional snapshots of the reverse process."""
     if sampler == "ddim":
-        return sample_ddim(model, (n, *shape), steps, eta, keep)
-    return sample_ancestral(model, (n, *shape), keep)
+        return sample_ddim(model, (n, *shape), steps, eta, keep, progress)
+    return sample_ancestral(model, (n, *shape), keep, progress)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,13 +554,15 @@ def evaluate(model: Diffusion, x0: torch.Tensor, data: common.Data, num_t: int, 
 def draw_pictures(model: Diffusion, data: common.Data, run: common.Run, args: Args) -> None:
     """samples.png (a grid, or a 2D histogram for toys) and reverse.png (x_T to x_0 along the reverse process)."""
     if data.kind == "toy":
-        x, frames = sample(model, 5000, data.shape, args.sampler, args.sample_steps, args.eta, keep=6)
+        x, frames = sample(model, 5000, data.shape, args.sampler, args.sample_steps, args.eta, keep=6,
+                           progress=common.steps_bar(f"sampling 5,000 points ({args.sampler})"))
         common.save_heatmap(run.path("samples.png"), common.histogram_2d(x))
         common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x))
         maps = [common.histogram_2d(f, bins=100) for f in frames]  # normalized one by one, side by side
         common.save_heatmap(run.path("reverse.png"), torch.cat([m / m.max().clamp(min=1) for m in maps], 1))
         return
-    x, frames = sample(model, 64, data.shape, args.sampler, args.sample_steps, args.eta, keep=10)
+    x, frames = sample(model, 64, data.shape, args.sampler, args.sample_steps, args.eta, keep=10,
+                       progress=common.steps_bar(f"sampling 64 images ({args.sampler})"))
     common.save_grid(run.path("samples.png"), to_data(x, data.kind), nrow=8)
     chains = torch.stack([to_data(f[:8], data.kind) for f in frames], 1)  # (8 chains, 10 frames, C, H, W)
     common.save_grid(run.path("reverse.png"), chains.flatten(0, 1), nrow=len(frames))
@@ -565,8 +570,13 @@ def draw_pictures(model: Diffusion, data: common.Data, run: common.Run, args: Ar
 
 def fid(model: Diffusion, data: common.Data, args: Args) -> float:
     """FID of fid_n samples against fid_n training images (Ho et al., Sec. 4: 50k samples, training set)."""
-    fake = torch.cat([to_data(sample(model, min(500, args.fid_n - i), data.shape, args.sampler, args.sample_steps,
-                                     args.eta)[0], data.kind) for i in range(0, args.fid_n, 500)])
+    fake = []
+    for i in range(0, args.fid_n, 500):
+        what = f"FID samples {i + 1:,}-{min(i + 500, args.fid_n):,} of {args.fid_n:,} ({args.sampler})"
+        x = sample(model, min(500, args.fid_n - i), data.shape, args.sampler, args.sample_steps, args.eta,
+                   progress=common.steps_bar(what))[0]
+        fake.append(to_data(x, data.kind))
+    fake = torch.cat(fake)
     real = data.train_x[: args.fid_n]
     return frechet_distance(*feature_stats(inception_features(fake)), *feature_stats(inception_features(real)))
 

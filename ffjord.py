@@ -387,7 +387,9 @@ def evaluate(model: FFJORD, x: torch.Tensor, batch_size: int, dequantize=None) -
     above it, unbiased for log p(x)), and the function evaluations per solve."""
     exact = model.num_dims <= EXACT_TRACE_MAX_DIMS
     total, nfe, solves = 0.0, model.nfe(), 0
-    for xb in x.split(batch_size):
+    what = f"test log p(x) by the ODE ({'exact' if exact else 'Hutchinson'} trace), {len(x):,} " + \
+        ("images" if dequantize is not None else "points")
+    for xb in common.progress(x.split(batch_size), what, len(x)):
         if dequantize is not None:
             xb = dequantize(xb)
         total += model.log_prob(xb, exact)[0].sum().item()

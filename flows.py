@@ -1064,10 +1064,10 @@ class FlowVAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Likelihood evaluation
 # ----------------------------------------------------------------------------------------------------------
-def grid_points(lim: float, n: int, device) -> torch.Tensor:
+def grid_points(lim: float, n: int, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Centres of an n x n grid over [-lim, lim]^2, row-major with rows from y = lim down (as histogram_2d)."""
     step = 2 * lim / n
-    centers = -lim + step * (torch.arange(n, device=device) + 0.5)
+    centers = -lim + step * (torch.arange(n, device=device, dtype=dtype or torch.get_default_dtype()) + 0.5)
     y, x = torch.meshgrid(centers.flip(0), centers, indexing="ij")
     return torch.stack([x.flatten(), y.flatten()], 1)
 
@@ -1080,7 +1080,8 @@ def log_prob_in_chunks(model: Flow, x: torch.Tensor, chunk: int = 10_000) -> tor
 @torch.no_grad()
 def grid_mass(model: Flow, lim: float = 6.0, n: int = 300) -> float:
     # midpoint rule: integral of p over [-lim, lim]^2 ~ sum p(grid centre) * cell area; about 1 for a density
-    points = grid_points(lim, n, next(model.parameters()).device)
+    p = next(model.parameters())
+    points = grid_points(lim, n, p.device, p.dtype)
     return (log_prob_in_chunks(model, points).exp().sum() * (2 * lim / n) ** 2).item()
 
 
@@ -1125,7 +1126,7 @@ def evaluate_density(model: Flow, data: common.Data, args: Args, run: common.Run
     metrics = {"nll_nats": nll, "kl_data_model": nll - data.entropy,
                "mass": grid_mass(model, n=150 if args.quick else 300)}
     # density.png: the model density on [-4, 4]^2; samples.png and data.png: histograms of samples
-    common.save_heatmap(run.path("density.png"), log_prob_in_chunks(model, grid_points(4.0, 200, x.device))
+    common.save_heatmap(run.path("density.png"), log_prob_in_chunks(model, grid_points(4.0, 200, x.device, x.dtype))
                         .exp().view(200, 200))
     common.save_heatmap(run.path("samples.png"), common.histogram_2d(sample(model, 5000 if args.quick else 50_000)))
     common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x))
@@ -1153,7 +1154,8 @@ def evaluate_energy(model: Flow, args: Args, run: common.Run) -> tuple[dict, str
 def evaluate_images(model: Flow, data: common.Data, args: Args, run: common.Run) -> tuple[dict, str]:
     x = data.test_x[: args.eval_n] if args.eval_n else data.test_x
     # dequantized once with the evaluation seed: an upper bound on the discrete NLL (README, Units)
-    nll = -torch.cat([model.log_prob(common.uniform_dequantize(xb)) for xb in x.split(500)]).mean().item()
+    batches = common.progress(x.split(500), f"test NLL, {len(x):,} dequantized images", len(x))
+    nll = -torch.cat([model.log_prob(common.uniform_dequantize(xb)) for xb in batches]).mean().item()
     common.save_grid(run.path("samples.png"), sample(model, 64).clamp(0, 1), nrow=8)
     common.save_grid(run.path("samples_t0.7.png"), sample(model, 64, 0.7).clamp(0, 1), nrow=8)
     return {"nll_bpd": common.bits_per_dim(nll, data.num_dims, bin_width=1 / 256)}, \
@@ -1163,7 +1165,8 @@ def evaluate_images(model: Flow, data: common.Data, args: Args, run: common.Run)
 @torch.no_grad()
 def evaluate_vae(model: FlowVAE, data: common.Data, args: Args, run: common.Run) -> tuple[dict, str]:
     x = data.test_x[: args.eval_n] if args.eval_n else data.test_x
-    log_px, elbo = zip(*(importance_sampled_log_px(model, xb, args.eval_k) for xb in x.split(100)))
+    batches = common.progress(x.split(100), f"test log p(x), {len(x):,} images x k = {args.eval_k}", len(x))
+    log_px, elbo = zip(*(importance_sampled_log_px(model, xb, args.eval_k) for xb in batches))
     common.save_grid(run.path("samples.png"), sample_vae(model, 64).view(64, *data.shape), nrow=8)
     return {"nll_nats": -torch.cat(log_px).mean().item(), "nelbo_nats": -torch.cat(elbo).mean().item()}, \
         f"iwae k={args.eval_k}"

@@ -189,11 +189,11 @@ def ncsn_sigmas(sigma_max: float, sigma_min: float, L: int) -> torch.Tensor:
 
 @torch.no_grad()
 def annealed_langevin(score_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor, eps: float = 2e-5,
-                      T: int = 100) -> torch.Tensor:
+                      T: int = 100, progress: Callable = iter) -> torch.Tensor:
     """Song & Ermon 2019, Algorithm 1. score_fn(x, i) is the score at noise level sigmas[i]; sigmas decreasing.
-    With one sigma it is plain Langevin dynamics with step eps."""
+    With one sigma it is plain Langevin dynamics with step eps. `progress` wraps the loop over the levels."""
     sigma_L = sigmas[-1].item()
-    for i, sigma in enumerate(sigmas.tolist()):  # line 2: for i <- 1 to L
+    for i, sigma in progress(list(enumerate(sigmas.tolist()))):  # line 2: for i <- 1 to L
         alpha = eps * sigma**2 / sigma_L**2  # line 3: alpha_i = eps sigma_i^2 / sigma_L^2
         for _ in range(T):  # line 4
             z = torch.randn_like(x)  # line 5
@@ -576,14 +576,16 @@ def langevin_corrector_step(sde: SDE, score_fn: Callable, x: torch.Tensor, t: to
 
 @torch.no_grad()
 def pc_sample(sde: SDE, score_fn: Callable, shape: tuple[int, ...], device=None, eps: float = 1e-3,
-              predictor: str = "reverse_diffusion", snr: float = 0.16, corrector_steps: int = 1) -> torch.Tensor:
+              predictor: str = "reverse_diffusion", snr: float = 0.16, corrector_steps: int = 1,
+              progress: Callable = iter) -> torch.Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 1-3) on N = sde.N times from T down to eps.
-    predictor: reverse_diffusion or euler_maruyama; corrector_steps = 0 leaves the predictor alone."""
+    predictor: reverse_diffusion or euler_maruyama; corrector_steps = 0 leaves the predictor alone. `progress`
+    wraps the loop over the N times."""
     x = sde.prior_sample(shape, device)  # x_N ~ p_T
     times = torch.linspace(sde.T, eps, sde.N, device=device, dtype=x.dtype)
     dt = (sde.T - eps) / sde.N
     x_mean = x
-    for i in range(sde.N):
+    for i in progress(range(sde.N)):
         t = times[i].expand(shape[0])
         for _ in range(corrector_steps):  # corrector at t, then the predictor from t to the next time
             x, x_mean = langevin_corrector_step(sde, score_fn, x, t, snr)
@@ -609,8 +611,9 @@ def ode_sample(sde: SDE, score_fn: Callable, z: torch.Tensor, eps: float = 1e-3,
 
 
 @torch.no_grad()
-def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_name: str) -> torch.Tensor:
-    """n samples in the model's coordinates with --sampler."""
+def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_name: str,
+           progress: Callable = iter) -> torch.Tensor:
+    """n samples in the model's coordinates with --sampler (`progress` wraps its loop; the ODE solver has none)."""
     device = next(model.parameters()).device
     sampler = args.sampler or ("ald" if model.method == "ncsn" else "pc")
     eps = SAMPLE_EPS["ve" if model.method == "ncsn" else sde_name]
@@ -618,13 +621,14 @@ def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_na
         x = torch.rand(n, *shape, device=device) if len(shape) == 3 else \
             torch.randn(n, *shape, device=device) * model.sigmas[0]  # images: uniform noise (Song & Ermon 2019)
         return annealed_langevin(lambda y, i: model.score(y, model.level_t[i].expand(n)), x, model.sigmas,
-                                 args.ald_eps, args.ald_steps)
+                                 args.ald_eps, args.ald_steps, progress)
     if sampler == "ode":
         z = model.sde.prior_sample((n, *shape), device)
         return ode_sample(model.sde, model.score, z, eps, args.rtol, args.atol)[0]
     predictor = "reverse_diffusion" if sampler == "pc" else "euler_maruyama"
     corrector_steps = args.corrector_steps if sampler == "pc" else 0
-    return pc_sample(model.sde, model.score, (n, *shape), device, eps, predictor, args.snr, corrector_steps)
+    return pc_sample(model.sde, model.score, (n, *shape), device, eps, predictor, args.snr, corrector_steps,
+                     progress)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -688,13 +692,15 @@ def density_on_grid(model: ScoreModel, bins: int = GRID_BINS, lim: float = GRID_
 def draw_pictures(model: ScoreModel, data: common.Data, run: common.Run, args: Args, step: int, center: bool) -> None:
     """samples.png (a grid, or a 2D histogram for toys) and a copy per evaluation; toys: density.png and data.png."""
     if data.kind == "toy":
-        counts = common.histogram_2d(sample(model, TOY_SAMPLES, data.shape, args, args.sde), GRID_BINS, GRID_LIM)
+        x = sample(model, TOY_SAMPLES, data.shape, args, args.sde, common.steps_bar(f"sampling {TOY_SAMPLES:,} points"))
+        counts = common.histogram_2d(x, GRID_BINS, GRID_LIM)
         common.save_heatmap(run.path("density.png"), density_on_grid(model, args.grid_bins))
         common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x, GRID_BINS, GRID_LIM))
         for name in ("samples.png", f"samples_{step:07d}.png"):
             common.save_heatmap(run.path(name), counts)
         return
-    x = to_data(sample(model, 64, data.shape, args, args.sde), data.kind, center)
+    x = to_data(sample(model, 64, data.shape, args, args.sde, common.steps_bar("sampling 64 images")), data.kind,
+                center)
     for name in ("samples.png", f"samples_{step:07d}.png"):
         common.save_grid(run.path(name), x, nrow=8)
 

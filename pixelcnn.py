@@ -44,6 +44,7 @@ and 79.20 (Diagonal BiLSTM, 7 layers, h = 16) nats on binarized MNIST.
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -420,7 +421,8 @@ def loss(logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str,
 @torch.no_grad()
 def evaluate(model: PixelRNN, x: torch.Tensor, batch_size: int = 500) -> float:
     """Mean -log p(x) over the images x, nats per image."""
-    total = sum(nll(model(xb), xb).sum().item() for xb in x.split(batch_size))
+    batches = common.progress(x.split(batch_size), f"exact test NLL, {len(x):,} images", len(x))
+    total = sum(nll(model(xb), xb).sum().item() for xb in batches)
     return total / len(x)
 
 
@@ -435,8 +437,9 @@ def report(nll_nats: float, data: common.Data) -> dict[str, float]:
 # Sampling: one sub-pixel at a time, raster order, R -> G -> B
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample(model: PixelRNN, n: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Draw n images (n, C, H, W) with values k / (levels - 1), vectorized over the n images.
+def sample(model: PixelRNN, n: int, shape: tuple[int, int, int], progress: Callable = iter) -> torch.Tensor:
+    """Draw n images (n, C, H, W) with values k / (levels - 1), vectorized over the n images, in the model's dtype
+    and on its device; `progress` wraps the loop over rows (a progress bar, say).
 
     PixelCNN: row i's logits depend on no later row, so each step runs the network only on the rows
     [i - context_rows, i]: H W C passes over small crops.
@@ -445,9 +448,10 @@ def sample(model: PixelRNN, n: int, shape: tuple[int, int, int]) -> torch.Tensor
     """
     colors, rows, width = shape
     levels = model.levels
-    x = torch.zeros(n, colors, rows, width, device=next(model.parameters()).device)
+    p = next(model.parameters())
+    x = torch.zeros(n, colors, rows, width, device=p.device, dtype=p.dtype)
     caches = layer_caches(model, x) if model.arch != "pixelcnn" else None
-    for i in range(rows):
+    for i in progress(range(rows)):
         top = 0 if model.context_rows is None else max(0, i - model.context_rows)
         for j in range(width):
             for c in range(colors):
@@ -489,7 +493,8 @@ def evaluate_and_draw(run: common.Run, model: PixelRNN, data: common.Data, args:
         metrics = report(evaluate(model, x), data)
         if args.samples:
             t0 = time.time()
-            images = sample(model, args.samples, data.shape)
+            bar = common.steps_bar(f"sampling {args.samples} images, row by row")
+            images = sample(model, args.samples, data.shape, bar)
             metrics["sample_s"] = round(time.time() - t0, 2)
             common.save_grid(run.path("samples.png"), images, nrow=math.ceil(math.sqrt(args.samples)))
     run.log("test", step, metrics, note=f"exact, {len(x)} images")

@@ -512,7 +512,7 @@ class CodePrior(nn.Module):
 def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int = 500) -> dict:
     """Decoder NLL (nats per image), MSE per pixel and code counts per level on x, and the codes themselves."""
     rec, mse, counts, codes = 0.0, 0.0, [0.0] * model.levels, [[] for _ in range(model.levels)]
-    for xb in x.split(batch_size):
+    for xb in common.progress(x.split(batch_size), f"reconstruction NLL, {len(x):,} test images", len(x)):
         quantized = model.quantize(xb)
         params = model.decode([q["z_q"] for q in quantized])
         rec += -model.log_px_given_z(xb.flatten(1), params).sum().item()
@@ -535,7 +535,8 @@ def evaluate_prior(prior: CodePrior, codes: list[torch.Tensor], y: torch.Tensor 
                    ) -> list[float]:
     """Test NLL of the codes under the prior, nats per image, per level (bottom first)."""
     sums = [0.0] * prior.levels
-    for i in range(0, len(codes[0]), batch_size):
+    starts = range(0, len(codes[0]), batch_size)
+    for i in common.progress(starts, f"prior NLL of the codes, {len(codes[0]):,} test images", len(starts), "batch"):
         sl = slice(i, i + batch_size)
         for level, lp in enumerate(prior.log_prob([c[sl] for c in codes], None if y is None else y[sl])):
             sums[level] -= lp.sum().item()

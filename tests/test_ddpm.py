@@ -461,3 +461,12 @@ def test_unsupported_requests_give_one_line_errors(tmp_path):
         result = run_ddpm("--dataset", "8gaussians", "--fid", "--out", str(tmp_path / "b"))
         assert result.returncode == 2 and "pip install pytorch-fid" in result.stderr
         assert result.stderr.strip().count("\n") == 0
+
+
+def test_samplers_pass_their_reverse_steps_to_progress():
+    """`progress` wraps the loop over the reverse steps once: T steps for Algorithm 2, `steps` for DDIM."""
+    model = ddpm.Diffusion(ddpm.MLP(2, 8), "toy", T=10)
+    for sampler, steps, expected in (("ancestral", 0, 10), ("ddim", 4, 4)):
+        seen = []
+        x, _ = ddpm.sample(model, 3, (2,), sampler, steps, progress=lambda s: seen.append(len(s)) or s)
+        assert seen == [expected] and x.shape == (3, 2) and torch.isfinite(x).all()

@@ -153,6 +153,8 @@ def test_samplers_follow_the_model_dtype():
         x, log_q = model.sample_with_log_prob(5)
         assert x.dtype == log_q.dtype == torch.float64
     assert flows.sample_vae(vae, 5).dtype == torch.float64
+    assert flows.grid_points(2.0, 3, "cpu", torch.float64).dtype == torch.float64
+    assert 0 < flows.grid_mass(toy, n=30) < 1.5  # the grid in the model's dtype
     z, log_q = vae.posterior(torch.bernoulli(torch.full((2, 6), 0.5, dtype=torch.float64)), 3)
     assert z.dtype == log_q.dtype == torch.float64
 

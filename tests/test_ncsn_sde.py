@@ -363,6 +363,18 @@ def test_samplers_with_the_exact_score_recover_the_data_moments(name, sampler):
     assert (torch.cov(x.T) - C).abs().max() < 0.06, torch.cov(x.T)
 
 
+
+def test_samplers_pass_their_loops_to_progress():
+    """`progress` wraps the predictor-corrector loop (N times) and annealed Langevin's loop over the L levels."""
+    sde = SDES["vp"](7)
+    seen = []
+    record = lambda steps: seen.append(len(steps)) or steps  # noqa: E731
+    x = ncsn_sde.pc_sample(sde, GaussianScore(sde), (5, 2), None, 1e-3, "reverse_diffusion", 0.16, 1, record)
+    x_ald = ncsn_sde.annealed_langevin(lambda y, i: -y, torch.zeros(5, 2), ncsn_sde.ncsn_sigmas(1.0, 0.1, 4),
+                                       T=3, progress=record)
+    assert seen == [7, 4] and x.shape == x_ald.shape == (5, 2)
+
+
 # ---------------------------------------------------------------------------------------------- likelihood
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_probability_flow_likelihood_of_gaussian_data_with_the_exact_score(name):

@@ -320,3 +320,13 @@ def test_lstm_pixel_by_pixel_equals_the_parallel_forward(arch, colors, levels):
             assert torch.allclose(step, full[..., i, j], rtol=0, atol=1e-12), (i, j)
         for layer, cache in zip(model.layers, caches):
             layer.finish_row(i, cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sample_follows_the_model_dtype_and_reports_each_row(arch):
+    torch.set_default_dtype(torch.float32)  # built in float32, then .double(), as a user would (fixture restores)
+    model = pixelcnn.PixelRNN(arch, 3, 4, 1, 4, 8).double()
+    rows = []
+    x = pixelcnn.sample(model, 2, (3, 3, 4), progress=lambda steps: rows.extend(steps) or steps)
+    assert x.dtype == torch.float64 and x.shape == (2, 3, 3, 4) and rows == [0, 1, 2]
+    assert set(x.unique().tolist()) <= {0, 1 / 3, 2 / 3, 1}
