@@ -236,16 +236,21 @@ def row_ddpm(device, b):
     return row
 
 
-def row_ddpm_bound(device, b):
-    """Not a training step: the evaluation's bound, 50 stratified t per image, of the --quick U-Net (untrained)."""
-    import ddpm
-    a = dataclasses.replace(ddpm.Args(), **ddpm.QUICK)
-    data = fake_data("mnist", "8bit", (1, 28, 28))
-    model = ddpm.build_model(data, a).to(device).eval()
-    x = ddpm.to_model(batch(data, b, device)[0], "8bit")
-    return Row("ddpm-bound", "ddpm.py variational bound", f"8-bit MNIST, --quick U-Net, {a.eval_t} stratified t "
-               f"per image (evaluation, no gradient), {b} images", "img",
-               Side("ours", lambda: ddpm.nll_bound(model, x, a.eval_t), b), note="peer: none has this bound")
+def row_ddpm_bound(num_t: int):
+    def build(device, b):
+        """Not a training step: the evaluation's bound (num_t stratified t per image, 0: all T - 1 of them) of
+        the --quick U-Net, untrained."""
+        import ddpm
+        a = dataclasses.replace(ddpm.Args(), **ddpm.QUICK)
+        data = fake_data("mnist", "8bit", (1, 28, 28))
+        model = ddpm.build_model(data, a).to(device).eval()
+        x = ddpm.to_model(batch(data, b, device)[0], "8bit")
+        what = f"{num_t} stratified t" if num_t else f"exact, all {a.timesteps - 1} t"
+        return Row("ddpm-bound" + ("" if num_t else "-exact"), "ddpm.py variational bound",
+                   f"8-bit MNIST, --quick U-Net, {what} per image (evaluation, no gradient), {b} image{'s' * (b > 1)}",
+                   "img",
+                   Side("ours", lambda: ddpm.nll_bound(model, x, num_t), b), note="peer: none has this bound")
+    return build
 
 
 def row_ebm_jem(device, b):
@@ -422,7 +427,8 @@ def row_ffjord(device, b):
 
 ROWS = {  # key -> (builder, batch size); --tiny divides the batch sizes
     "vae": (row_vae, 128), "iwae": (row_iwae, 20), "savae": (row_savae, 50), "vqvae": (row_vqvae, 64),
-    "nvae": (row_nvae, 32), "ddpm": (row_ddpm, 64), "ddpm-bound": (row_ddpm_bound, 16), "ebm_jem": (row_ebm_jem, 32), "ncsn_sde": (row_ncsn_sde, 128),
+    "nvae": (row_nvae, 32), "ddpm": (row_ddpm, 64), "ddpm-bound": (row_ddpm_bound(50), 16),
+    "ddpm-bound-exact": (row_ddpm_bound(0), 1), "ebm_jem": (row_ebm_jem, 32), "ncsn_sde": (row_ncsn_sde, 128),
     "pixelcnn-pixelcnn": (row_pixelcnn("pixelcnn"), 32), "pixelcnn-rowlstm": (row_pixelcnn("rowlstm"), 32),
     "pixelcnn-diagbilstm": (row_pixelcnn("diagbilstm"), 32), "pixelcnn-sample-pixelcnn": (row_pixelcnn_sample(
         "pixelcnn"), 16), "pixelcnn-sample-rowlstm": (row_pixelcnn_sample("rowlstm"), 16),
