@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import sys
 import tarfile
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from PIL import Image
 from torch import nn
 
 try:
@@ -693,14 +693,15 @@ def load_arrays(name: str, data_dir) -> dict[str, np.ndarray | None]:
     return _LOADERS[name](ensure_files(name, data_dir))
 
 # ---------------------------------------------------------------------------------------------------------
-# 2D toy datasets (FFJORD lib/toy_data.py parameters) with exact samplers, log-densities and entropies.
+# 2D toy datasets (FFJORD lib/toy_data.py parameters) with exact samplers and entropies (the exact
+# log-densities that derive and check the entropies are in tests/toy_densities.py).
 # Each set is a proper continuous distribution, so KL(data || model) = test NLL - TOY_ENTROPY[name] in nats.
 # ---------------------------------------------------------------------------------------------------------
 
 TOY_DATASETS: tuple[str, ...] = ("8gaussians", "checkerboard", "two_moons", "swissroll", "pinwheel", "circles")
 
-# Differential entropies in nats. Non-closed-form values: toy_entropy_by_quadrature (midpoint rule on [-L, L]^2,
-# L = TOY_QUAD_HALF_WIDTH[name]) at steps h = 0.04 / 0.02 / 0.01, plus h = 0.02 with L + 1 to check the tails;
+# Differential entropies in nats. Non-closed-form values: toy_entropy_by_quadrature of tests/toy_densities.py
+# (midpoint rule on [-L, L]^2) at steps h = 0.04 / 0.02 / 0.01, plus h = 0.02 with L + 1 to check the tails;
 # "spread" is the largest difference among those runs. Smooth densities converge spectrally in h.
 TOY_ENTROPY: dict[str, float] = {
     "8gaussians": 2.831880406138,  # quadrature, spread < 1e-13 (< log 8 + 1 + log(2 pi s^2) = 2.83818: overlap)
@@ -711,9 +712,6 @@ TOY_ENTROPY: dict[str, float] = {
     # convergence from the caustics (integrable 1/sqrt singularities carrying mass ~1e-8)
     "circles": 3.268135711706,  # quadrature, spread < 1e-13 (density: Bessel closed form)
 }
-TOY_QUAD_HALF_WIDTH: dict[str, float] = {
-    "8gaussians": 6.5, "checkerboard": 4.0, "two_moons": 5.0, "swissroll": 5.0, "pinwheel": 7.0, "circles": 5.5,
-}
 
 # FFJORD lib/toy_data.py: 8 centers at radius 4 (compass directions), std 0.5, all divided by 1.414 (not sqrt 2)
 GAUSS8_SCALE = 1.414
@@ -722,21 +720,13 @@ GAUSS8_STD = 0.5 / GAUSS8_SCALE
 # FFJORD: make_moons(noise=0.1) * 2 + (-1, -0.2), so arc radius 2 and noise std 0.2
 MOONS_RADIUS, MOONS_STD = 2.0, 0.2
 MOONS_SHIFT = (-1.0, -0.2)
-MOONS_PANELS = 64  # composite 8-point Gauss-Legendre panels per moon over t in [0, pi]
 # FFJORD: make_swiss_roll(noise=1.0), columns (0, 2), divided by 5; sklearn: t = 1.5 pi (1 + 2u)
 SWISS_T_RANGE = (1.5 * math.pi, 4.5 * math.pi)
 SWISS_SCALE, SWISS_STD = 5.0, 1.0 / 5.0
-SWISS_PANELS = 192  # composite 8-point Gauss-Legendre panels over t
 # FFJORD: make_circles(factor=0.5, noise=0.08) * 3: rings of radius 3 and 1.5, noise std 0.24
 CIRCLES_RADII, CIRCLES_STD = (3.0, 1.5), 0.24
 # FFJORD pinwheel: 5 classes, features (r, tau) ~ N((1, 0), diag(0.3^2, 0.1^2)), angle rad_k + 0.25 exp(r), x 2
 PIN_CLASSES, PIN_RADIAL_STD, PIN_TANGENTIAL_STD, PIN_RATE, PIN_SCALE = 5, 0.3, 0.1, 0.25, 2.0
-PIN_GRID = 1024  # psi-cells per 2 pi for the root search; only a root pair inside one cell at a fold (next to a
-# caustic, mass ~1e-8) can be missed; 1024 vs 16384 cells agree to 1e-12 in log p at samples and |x| <= 12
-PIN_BISECT_STEPS = 40  # cell width 2 pi / 1024 -> root located to ~6e-15 rad
-PIN_RHO_MAX = 6.5  # beyond |x| = 13 every preimage has p_F < exp(-168): returned as density 0 (log = -inf)
-_CHUNK = 4096
-_GL_NODES = 8
 
 
 def _check(name: str) -> None:
@@ -814,137 +804,6 @@ def toy_sample(name: str, n: int, generator: torch.Generator | None = None) -> t
     """n i.i.d. samples, shape (n, 2), float32 on CPU; reproducible given the generator."""
     _check(name)
     return _sample64(name, n, generator).to(torch.float32)
-
-
-def _gauss_mixture_log_prob(x: torch.Tensor, centers: torch.Tensor, log_w: torch.Tensor, std: float
-                            ) -> torch.Tensor:
-    # log sum_j w_j N(x; c_j, std^2 I)
-    out = []
-    for xb in x.split(_CHUNK):
-        d2 = (xb[:, None, :] - centers[None]).pow(2).sum(-1)
-        out.append(torch.logsumexp(log_w - d2 / (2 * std**2), dim=1))
-    return torch.cat(out) - math.log(2 * math.pi * std**2)
-
-
-def _gauss_legendre(lo: float, hi: float, panels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Composite Gauss-Legendre nodes and log-weights for the uniform density on [lo, hi]."""
-    z, w = np.polynomial.legendre.leggauss(_GL_NODES)
-    edges = np.linspace(lo, hi, panels + 1)
-    half = (edges[1:] - edges[:-1])[:, None] / 2
-    t = (edges[:-1, None] + half * (z + 1)).ravel()
-    return torch.from_numpy(t), torch.from_numpy(np.log((half * w).ravel() / (hi - lo)))
-
-
-def _moons_log_prob(x: torch.Tensor, panels: int = MOONS_PANELS) -> torch.Tensor:
-    # p(x) = 1/2 sum_moon (1/pi) int_0^pi N(x; c_moon(t), 0.2^2 I) dt, integral by Gauss-Legendre in t
-    t, log_w = _gauss_legendre(0.0, math.pi, panels)
-    moon = torch.arange(2).repeat_interleave(len(t))
-    centers = _moon_centers(t.repeat(2), moon)
-    return _gauss_mixture_log_prob(x, centers, log_w.repeat(2) - math.log(2), MOONS_STD)
-
-
-def _swiss_log_prob(x: torch.Tensor, panels: int = SWISS_PANELS) -> torch.Tensor:
-    # p(x) = (1 / 3 pi) int N(x; (t cos t, t sin t) / 5, 0.2^2 I) dt over [1.5 pi, 4.5 pi]
-    t, log_w = _gauss_legendre(*SWISS_T_RANGE, panels)
-    return _gauss_mixture_log_prob(x, _swiss_centers(t), log_w, SWISS_STD)
-
-
-def _circles_log_prob(x: torch.Tensor) -> torch.Tensor:
-    # ring density: angular average of N(x; R(cos a, sin a), s^2 I) = exp(-(r^2 + R^2) / 2 s^2) I0(r R / s^2)
-    # / (2 pi s^2); stably log I0(a) - a = log i0e(a), so log p = -(r - R)^2 / 2 s^2 + log i0e(r R / s^2) - ...
-    r, s2 = x.norm(dim=1, keepdim=True), CIRCLES_STD**2
-    radii = torch.tensor(CIRCLES_RADII, dtype=torch.float64)
-    log_ring = -(r - radii).pow(2) / (2 * s2) + torch.log(torch.special.i0e(r * radii / s2))
-    return torch.logsumexp(log_ring, dim=1) - math.log(2) - math.log(2 * math.pi * s2)
-
-
-def _checkerboard_log_prob(x: torch.Tensor) -> torch.Tensor:
-    # support: closed squares [2i, 2i+2] x [2j, 2j+2], i, j in {-2..1}, i + j even (from FFJORD's construction)
-    u = x / 2
-    inside = torch.zeros(len(x), dtype=torch.bool)
-    for i in (torch.floor(u[:, 0]), torch.ceil(u[:, 0]) - 1):
-        for j in (torch.floor(u[:, 1]), torch.ceil(u[:, 1]) - 1):
-            ok = (i >= -2) & (i <= 1) & (j >= -2) & (j <= 1) & (torch.remainder(i + j, 2) == 0)
-            inside |= ok
-    return torch.where(inside, x.new_tensor(-math.log(32.0)), x.new_tensor(-math.inf))
-
-
-def _pinwheel_level(psi: torch.Tensor, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    # f = rho (cos psi, sin psi) maps to polar angle psi - phi(f); phi = 2 pi k/5 + 0.25 e^r, so a root for some
-    # class k is a psi where (psi - 0.25 e^(rho cos psi) - theta) / (2 pi / 5) is an integer
-    return (psi - PIN_RATE * torch.exp(rho * torch.cos(psi)) - theta) / (2 * math.pi / PIN_CLASSES)
-
-
-def _pinwheel_log_prob_polar(rho: torch.Tensor, theta: torch.Tensor, grid: int) -> torch.Tensor:
-    """log p_y at y = rho (cos theta, sin theta): sum over all preimages f (all classes, all branches) of
-    p_F(f) / |det J| / 5, with det J = 1 + 0.25 e^r tau (= d theta / d psi at fixed rho, since |y| = |f|)."""
-    psi = torch.linspace(-math.pi, math.pi, grid + 1, dtype=torch.float64)
-    fq = torch.floor(_pinwheel_level(psi[None], rho[:, None], theta[:, None]))
-    step = fq[:, 1:] - fq[:, :-1]  # integer levels crossed inside each psi-cell (signed)
-    cnt = step.abs().long()
-    i, j = cnt.nonzero(as_tuple=True)
-    c = cnt[i, j]
-    lo, sgn = torch.minimum(fq[:, 1:], fq[:, :-1])[i, j], torch.sign(step[i, j])
-    i, j, lo, sgn = (v.repeat_interleave(c) for v in (i, j, lo, sgn))
-    level = lo + 1 + torch.arange(len(i)) - (torch.cumsum(c, 0) - c).repeat_interleave(c)
-    a, b, rr, tt = psi[j], psi[j + 1], rho[i], theta[i]
-    for _ in range(PIN_BISECT_STEPS):  # bisection for level(psi) = level inside [a, b]
-        m = (a + b) / 2
-        past = (_pinwheel_level(m, rr, tt) - level) * sgn >= 0
-        a, b = torch.where(past, a, m), torch.where(past, m, b)
-    psi_root = (a + b) / 2
-    r, tau = rr * torch.cos(psi_root), rr * torch.sin(psi_root)
-    log_pf = -0.5 * (((r - 1) / PIN_RADIAL_STD) ** 2 + (tau / PIN_TANGENTIAL_STD) ** 2)
-    log_pf = log_pf - math.log(2 * math.pi * PIN_RADIAL_STD * PIN_TANGENTIAL_STD * PIN_CLASSES)
-    log_c = log_pf - torch.log(torch.abs(1 + PIN_RATE * torch.exp(r) * tau))
-    top = torch.full_like(rho, -math.inf).scatter_reduce(0, i, log_c, "amax")
-    total = torch.zeros_like(rho).index_add(0, i, torch.exp(log_c - top[i]))
-    return top + torch.log(total)
-
-
-def _pinwheel_log_prob(x: torch.Tensor, grid: int = PIN_GRID) -> torch.Tensor:
-    y = x / PIN_SCALE
-    rho, theta = y.norm(dim=1), torch.atan2(y[:, 1], y[:, 0])
-    out = torch.full_like(rho, -math.inf)
-    idx = (rho <= PIN_RHO_MAX).nonzero().squeeze(1)
-    for ib in idx.split(_CHUNK):
-        out[ib] = _pinwheel_log_prob_polar(rho[ib], theta[ib], grid)
-    return out - 2 * math.log(PIN_SCALE)  # x = 2 y in 2D: p_x(x) = p_y(x / 2) / 4
-
-
-_LOG_PROB = {
-    "8gaussians": lambda x: _gauss_mixture_log_prob(
-        x, _gauss8_centers(), torch.full((8,), -math.log(8), dtype=torch.float64), GAUSS8_STD),
-    "checkerboard": _checkerboard_log_prob,
-    "two_moons": _moons_log_prob,
-    "swissroll": _swiss_log_prob,
-    "pinwheel": _pinwheel_log_prob,
-    "circles": _circles_log_prob,
-}
-
-
-def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Exact log-density (nats) at x (n, 2): float64 inside, no gradient, returned in x's dtype and device."""
-    _check(name)
-    lp = _LOG_PROB[name](x.detach().to("cpu", torch.float64).reshape(-1, 2))
-    return lp.to(x.device, x.dtype)
-
-
-def toy_entropy_by_quadrature(name: str, step: float = 0.02) -> float:
-    """-int p log p by the midpoint rule on [-L, L]^2, L = TOY_QUAD_HALF_WIDTH[name] (the step is rounded to
-    divide 2L; keep 2 / step an integer so cells align with the checkerboard squares). Smooth sets converge
-    spectrally in the step; the default takes about a minute for pinwheel, seconds for the others."""
-    _check(name)
-    half = TOY_QUAD_HALF_WIDTH[name]
-    m = round(2 * half / step)
-    h = 2 * half / m
-    axis = -half + h * (torch.arange(m, dtype=torch.float64) + 0.5)
-    total = 0.0
-    for rows in axis.split(max(1, 65536 // m)):
-        pts = torch.cartesian_prod(rows, axis)
-        lp = toy_log_prob(name, pts)
-        total -= torch.where(lp > -math.inf, lp.exp() * lp, 0.0).sum().item()
-    return total * h * h
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1092,20 +951,11 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.nda
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """Encode an (H, W) or (H, W, 1 | 3) uint8 array as PNG (8-bit grey or RGB, no filtering)."""
+    """Encode an (H, W) or (H, W, 1 | 3) uint8 array as PNG (8-bit grey or RGB), through Pillow."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    h, w = image.shape[:2]
-    color_type = 0 if image.ndim == 2 else 2
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, -1)], axis=1)  # filter byte 0
-    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) \
-        + chunk(b"IEND", b"")
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

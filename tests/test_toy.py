@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import toy_densities
 
 NAMES = common.TOY_DATASETS
 HALF_WIDTH = {"8gaussians": 6.5, "checkerboard": 4.0, "two_moons": 5.0, "swissroll": 5.0, "pinwheel": 7.0,
@@ -23,7 +24,7 @@ def _grid_log_prob(name: str) -> torch.Tensor:
     half = HALF_WIDTH[name]
     m = round(2 * half / STEP)
     axis = -half + STEP * (torch.arange(m, dtype=torch.float64) + 0.5)
-    return common.toy_log_prob(name, torch.cartesian_prod(axis, axis)).reshape(m, m)
+    return toy_densities.toy_log_prob(name, torch.cartesian_prod(axis, axis)).reshape(m, m)
 
 
 def test_names_and_entropy_table():
@@ -39,14 +40,14 @@ def test_sample_shape_dtype_and_seeding(name):
     assert torch.isfinite(x).all()
     assert torch.equal(x, common.toy_sample(name, 1000, _gen(0)))
     assert not torch.equal(x, common.toy_sample(name, 1000, _gen(1)))
-    lp = common.toy_log_prob(name, x)
+    lp = toy_densities.toy_log_prob(name, x)
     assert lp.shape == (1000,) and lp.dtype == torch.float32
-    assert common.toy_log_prob(name, x.double()).dtype == torch.float64
+    assert toy_densities.toy_log_prob(name, x.double()).dtype == torch.float64
 
 
 def test_unknown_name_raises():
-    for fn, args in [(common.toy_sample, (5,)), (common.toy_log_prob, (torch.zeros(3, 2),)),
-                     (common.toy_entropy_by_quadrature, ())]:
+    for fn, args in [(common.toy_sample, (5,)), (toy_densities.toy_log_prob, (torch.zeros(3, 2),)),
+                     (toy_densities.toy_entropy_by_quadrature, ())]:
         with pytest.raises(ValueError, match="pinwheel"):
             fn("moons", *args)
 
@@ -62,12 +63,12 @@ def test_entropy_constant_matches_quadrature(name):
     lp = _grid_log_prob(name)
     grid_entropy = -torch.where(lp > -math.inf, lp.exp() * lp, 0.0).sum().item() * STEP**2
     assert grid_entropy == pytest.approx(common.TOY_ENTROPY[name], abs=1e-4)
-    assert common.toy_entropy_by_quadrature(name, step=STEP) == pytest.approx(grid_entropy, abs=1e-9)
+    assert toy_densities.toy_entropy_by_quadrature(name, step=STEP) == pytest.approx(grid_entropy, abs=1e-9)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_entropy_constant_matches_monte_carlo(name):
-    lp = common.toy_log_prob(name, common.toy_sample(name, 20000, _gen(123))).double()
+    lp = toy_densities.toy_log_prob(name, common.toy_sample(name, 20000, _gen(123))).double()
     assert torch.isfinite(lp).all()
     stderr = lp.std().item() / math.sqrt(len(lp))
     assert abs(-lp.mean().item() - common.TOY_ENTROPY[name]) <= 4 * stderr + 1e-6
@@ -122,7 +123,7 @@ def test_pinwheel_density_is_change_of_variables_at_mapped_points():
     x = 2 * _ffjord_pinwheel_map(f, k)
     log_pf = -0.5 * (((f[:, 0] - 1) / 0.3) ** 2 + (f[:, 1] / 0.1) ** 2) - math.log(2 * math.pi * 0.03)
     expected = log_pf - math.log(20) - torch.log(torch.abs(1 + 0.25 * torch.exp(f[:, 0]) * f[:, 1]))
-    log_p = common.toy_log_prob("pinwheel", x)
+    log_p = toy_densities.toy_log_prob("pinwheel", x)
     assert (log_p - expected).min() > -1e-10
     far = f[:, 0] >= 1.0
     assert far.sum() > 200 and torch.allclose(log_p[far], expected[far], atol=1e-8, rtol=0)
@@ -137,7 +138,7 @@ def test_circles_bessel_form_matches_angular_average():
         centers = radius * torch.stack([torch.cos(a), torch.sin(a)], 1)
         d2 = (x[:, None, :] - centers[None]).pow(2).sum(-1)
         dens += 0.5 * torch.exp(-d2 / (2 * s2)).mean(1) / (2 * math.pi * s2)
-    assert torch.allclose(common.toy_log_prob("circles", x), torch.log(dens), atol=1e-10, rtol=0)
+    assert torch.allclose(toy_densities.toy_log_prob("circles", x), torch.log(dens), atol=1e-10, rtol=0)
 
 
 def _simpson_curve_density(x: torch.Tensor, curves, lo: float, hi: float, std: float) -> torch.Tensor:
@@ -166,15 +167,15 @@ def test_two_moons_and_swissroll_match_dense_simpson_quadrature():
 
     x = common.toy_sample("two_moons", 100, _gen(8)).double()
     ref = _simpson_curve_density(x, [outer, inner], 0.0, math.pi, 0.2)
-    assert torch.allclose(common.toy_log_prob("two_moons", x), torch.log(ref), atol=1e-6, rtol=0)
+    assert torch.allclose(toy_densities.toy_log_prob("two_moons", x), torch.log(ref), atol=1e-6, rtol=0)
     x = common.toy_sample("swissroll", 100, _gen(9)).double()
     ref = _simpson_curve_density(x, [roll], 1.5 * math.pi, 4.5 * math.pi, 0.2)
-    assert torch.allclose(common.toy_log_prob("swissroll", x), torch.log(ref), atol=1e-6, rtol=0)
+    assert torch.allclose(toy_densities.toy_log_prob("swissroll", x), torch.log(ref), atol=1e-6, rtol=0)
 
 
 def test_checkerboard_support():
     # squares [2i, 2i+2] x [2j, 2j+2] with i + j even; boundaries belong to the (closed) support
     inside = [[1.0, 1.0], [3.9, -0.1], [-1.0, 3.0], [4.0, 4.0], [0.0, 0.0], [-4.0, 1.0]]
     outside = [[-3.0, 3.0], [-1.0, 1.0], [1.0, 3.0], [4.1, 1.0], [0.5, -4.5]]
-    lp = common.toy_log_prob("checkerboard", torch.tensor(inside + outside, dtype=torch.float64))
+    lp = toy_densities.toy_log_prob("checkerboard", torch.tensor(inside + outside, dtype=torch.float64))
     assert lp.tolist() == [-math.log(32.0)] * len(inside) + [-math.inf] * len(outside)
