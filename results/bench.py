@@ -34,6 +34,7 @@ import dataclasses
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -549,11 +550,53 @@ def against_side(args, key: str, build, device: torch.device, b: int) -> Side:
     return side
 
 
+def peak_memory(args, key: str, side: str) -> str:
+    """Peak memory of one step of a row's side, measured in a fresh process (`--peak-of`): on a CPU the process's
+    high-water resident set (imports and the built model included, the same for both sides), on cuda the
+    largest allocation by torch."""
+    command = [sys.executable, "-m", "results.bench", "--peak-of", f"{key}:{side}", "--device", args.device,
+               "--threads", str(args.threads)] + (["--against", str(args.against)] if args.against else []) \
+        + (["--tiny"] if args.tiny else [])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = result.stdout.strip().splitlines()
+    return lines[-1] if result.returncode == 0 and lines else "n/a"
+
+
+def print_peak(args, device: torch.device) -> None:
+    """The child of `peak_memory`: build one side of one row, run one step, print its peak memory."""
+    key, side = args.peak_of.rsplit(":", 1)
+    build, b = ROWS[key]
+    b = max(2, b // 16) if args.tiny else b
+    torch.manual_seed(0)
+    if side == "peer" and args.against:
+        step = against_side(args, key, build, device, b).step
+    else:
+        row = build(device, b)
+        step = (row.peer if side == "peer" else row.ours).step
+    step()
+    sync(device)
+    if device.type == "cuda":
+        print(f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB (cuda, allocated)")
+    else:
+        print(f"{peak_rss_mib():,.0f} MiB (peak RSS)")
+
+
+def peak_rss_mib() -> float:
+    """The process's high-water resident set: VmHWM on Linux (reset by exec, unlike ru_maxrss, which a child
+    inherits from the parent that forked it), else ru_maxrss."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
 def run_table(args, device: torch.device) -> list[str]:
     keys = [k for k in ROWS if not args.only or any(k == o or k.startswith(o + "-") for o in args.only)]
     if not keys:
         refuse(f"--only {','.join(args.only)} matches no row; rows: {', '.join(ROWS)}")
-    out, notes = [], []
+    out, notes, after = [], [], []
     for key in keys:
         build, b = ROWS[key]
         torch.manual_seed(0)
@@ -569,7 +612,12 @@ def run_table(args, device: torch.device) -> list[str]:
         if row.note and not row.note.startswith("peer:"):  # a peer that exists but is not installed here
             notes.append(f"note: {key}: {row.note}; skipped its peer (see requirements-bench.txt)")
         print(f"  {key}: {out[-1][2]}" + (f", {peer}, ratio {ratio}" if row.peer else ""), file=sys.stderr, flush=True)
-    return notes + table(out)
+        if args.memory:
+            memory = f"peak memory of one step, {key}: ours {peak_memory(args, key, 'ours')}"
+            if row.peer:
+                memory += f", {row.peer.name} {peak_memory(args, key, 'peer')}"
+            after.append(memory + " (each in a fresh process)")
+    return notes + table(out) + after
 
 
 def run_gpu_ddpm(args, device: torch.device) -> list[str]:
@@ -672,6 +720,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="with --gpu-ddpm: also time torch.compile of our network")
     p.add_argument("--against", type=Path, default=None, help="a folder with other copies of the model files (an "
                    "older checkout): its version of each row is timed in the peer column, in the same run")
+    p.add_argument("--memory", action="store_true", help="also the peak memory of one step of each side, each in a "
+                   "fresh process (peak RSS on a CPU, torch's largest allocation on cuda)")
+    p.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # KEY:ours|peer, the child of --memory
     p.add_argument("--tiny", action="store_true", help="toy sizes and one step per block: a check that runs in "
                                                        "seconds on a CPU, not a measurement")
     args = p.parse_args(argv)
@@ -687,8 +738,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.get_device(args.device)
-    lines = header(device, args)
-    print("\n".join(lines), flush=True)
+    if args.peak_of:
+        return print_peak(args, device)
+    print("\n".join(header(device, args)), flush=True)
     body = run_gpu_ddpm(args, device) if args.gpu_ddpm else run_table(args, device)
     print("\n".join(body + [f"load average after: {load()}"]), flush=True)
 

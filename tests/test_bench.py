@@ -2,6 +2,7 @@
 CPU and print a markdown table of the advertised shape (peers skipped with a note when not installed). No timing
 is asserted: the figures depend on the machine and its load."""
 import os
+import re
 import subprocess
 import sys
 
@@ -100,3 +101,12 @@ def test_against_refuses_a_folder_without_the_model_file(tmp_path):
     assert result.returncode == 2 and "no vae.py there" in result.stderr
     result = run_bench("--against", str(tmp_path / "missing"), timeout=60)
     assert result.returncode == 2 and "not a folder" in result.stderr
+
+
+def test_memory_reports_a_peak_for_each_side_from_a_fresh_process():
+    result = run_bench("--only", "flows-realnvp", "--tiny", "--repeats", "1", "--memory")
+    assert result.returncode == 0, result.stderr
+    [line] = [ln for ln in result.stdout.splitlines() if ln.startswith("peak memory of one step, flows-realnvp: ours ")]
+    sizes = [float(v.replace(",", "")) for v in re.findall(r"([\d,]+) MiB", line)]
+    assert len(sizes) == (1 if "normflows is not installed" in result.stdout else 2), line
+    assert all(50 < size < 20_000 for size in sizes), line  # a python process with torch, not a parent's size
