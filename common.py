@@ -934,7 +934,7 @@ def uniform_dequantize(x: torch.Tensor, generator: torch.Generator | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images: grids and PNG files without dependencies
+# Images: grids and PNG files
 # ----------------------------------------------------------------------------------------------------------
 def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> one (rows, cols, C) uint8 image with `pad` pixels between tiles."""

@@ -21,6 +21,7 @@ model file and common.py, so `render --check` can tell which rows need re-runnin
 """
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import hashlib
@@ -231,11 +232,35 @@ def check_config(row: Row, seed: int, run_dir: Path) -> None:
         raise ResultError(f"{run_dir} was not run with the command of row {row.id}: {'; '.join(differ)}")
 
 
+# the parts of common.py a figure depends on: the sections that fix the data, the seeds and the units (by the
+# first words of their headers), and the optimizer; a change to run folders, logging or DDP plumbing leaves
+# every figure as it was
+FIGURE_SECTIONS = ("Device, seeds", "Data:", "2D toy datasets", "Datasets as tensors", "Units:")
+FIGURE_FUNCTIONS = ("adam",)
+
+
+def common_figure_parts(source: str) -> list[str]:
+    """The texts of common.py's FIGURE_SECTIONS (each from its header to the next section) and FIGURE_FUNCTIONS."""
+    lines = source.splitlines(keepends=True)
+    rules = [i for i, line in enumerate(lines) if line.startswith("# -----")]
+    heads = [i + 1 for i, j in zip(rules, rules[1:]) if j - i <= 4]  # a header: a few lines between two rules
+    parts = []
+    for k, head in enumerate(heads):
+        if lines[head].removeprefix("# ").startswith(FIGURE_SECTIONS):
+            end = heads[k + 1] - 1 if k + 1 < len(heads) else len(lines)
+            parts.append("".join(lines[head:end]))
+    tree = ast.parse(source)
+    parts += [ast.get_source_segment(source, node) for node in tree.body
+              if isinstance(node, ast.FunctionDef) and node.name in FIGURE_FUNCTIONS]
+    return parts
+
+
 def code_hash(file: str) -> str:
-    """SHA-256 over the model file and common.py: a figure is stale once either changes."""
-    digest = hashlib.sha256()
-    for name in (file, "common.py"):
-        digest.update((ROOT / name).read_bytes())
+    """SHA-256 over the model file and the parts of common.py its figures depend on (`common_figure_parts`):
+    a figure is stale once one of them changes."""
+    digest = hashlib.sha256((ROOT / file).read_bytes())
+    for part in common_figure_parts((ROOT / "common.py").read_text()):
+        digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
@@ -393,7 +418,7 @@ def render_table(table: str, records: dict[tuple[str, int], dict]) -> tuple[str,
         else:
             stale = [r for r in found if r["code"] != code_hash(row.file)]
             if stale:
-                problems.append(f"{row.id}: {row.file} or common.py changed since seed(s) "
+                problems.append(f"{row.id}: {row.file} or common.py's data, seeds or units changed since seed(s) "
                                 f"{[r['seed'] for r in stale]} ran")
             cores = max(int(r["host"]["cores"] or 1) for r in found)
             figure, wall = format_figure(row, found), format_wall(found, cores)

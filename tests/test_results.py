@@ -169,3 +169,28 @@ def test_run_clock_sums_the_invocations_of_a_resumed_run(tmp_path):
         {"split": "test", "step": 40, "time": 1.0},  # resumed again, evaluation only
     ])
     assert table.run_clock(run) == 12.0 + 9.5 + 1.0
+
+
+def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_common(tmp_path, monkeypatch):
+    """Plumbing edits (run folders, logging) keep a figure fresh; edits to the model file, the data, the units
+    or the optimizer make it stale."""
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    source = (ROOT / "common.py").read_text()
+    (tmp_path / "vae.py").write_text((ROOT / "vae.py").read_text())
+
+    def hash_with(common_text: str, vae_extra: str = "") -> str:
+        (tmp_path / "common.py").write_text(common_text)
+        (tmp_path / "vae.py").write_text((ROOT / "vae.py").read_text() + vae_extra)
+        return table.code_hash("vae.py")
+
+    base = hash_with(source)
+    assert len(table.common_figure_parts(source)) == len(table.FIGURE_SECTIONS) + len(table.FIGURE_FUNCTIONS)
+    plumbing = source.replace('def steps_bar(what: str):', 'def steps_bar(what: str):  # a comment', 1)
+    assert plumbing != source and hash_with(plumbing) == base
+    for old, new in [("def bits_per_dim(", "def bits_per_dim_("),  # units
+                     ("TEST_BINARIZATION_SEED = 0", "TEST_BINARIZATION_SEED = 1"),  # data
+                     ('"8gaussians": 2.831880406138', '"8gaussians": 2.8318804'),  # toy entropies
+                     ("fused=True", "fused=False")]:  # the optimizer
+        assert old in source, old
+        assert hash_with(source.replace(old, new, 1)) != base, old
+    assert hash_with(source, "\n# an edit\n") != base
