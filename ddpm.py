@@ -113,28 +113,32 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 # Networks: eps_theta(x_t, t), t an integer tensor (B,) in 1..T
 # ----------------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    # Vaswani et al. 2017, Sec. 3.5 (as in Ho et al., Appendix B): sin(t / 10000^(i/(d/2-1))), then the cosines;
-    # in the network's dtype (float32 also under bf16 autocast, whose first Linear casts it)
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1.0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Vaswani et al. 2017, Sec. 3.5 (as in Ho et al., Appendix B, and the authors' VP SDE code):
+    # sin(scale t / 10000^(i/(d/2-1))), then the cosines; scale 1 for DDPM's integer t in 1..T, 999 for t in
+    # [0, 1]; in the network's dtype (float32 also under bf16 autocast, whose first Linear casts it)
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / (half - 1))
-    angles = t.to(dtype)[:, None] * freqs[None]  # (B, dim/2)
+    angles = scale * t.to(dtype)[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
 
 
 class MLP(nn.Module):
-    """For 2D toys: [x, emb(t)] -> eps, SiLU layers with the time embedding added to each hidden layer."""
+    """For 2D toys: x -> SiLU hidden layers with the embedding of time_scale * t added to each -> an output of x's
+    size (1 for DDPM's integer t in 1..T; ncsn_sde.py's build_model says why it takes 30 for t in [0, 1])."""
 
-    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, emb: int = 128):
+    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, emb: int = 128, time_scale: float = 1.0):
         super().__init__()
-        self.emb = emb
+        self.emb, self.time_scale = emb, time_scale
         self.time = nn.Sequential(nn.Linear(emb, hidden), nn.SiLU(), nn.Linear(hidden, layers * hidden))
         self.inp = nn.Linear(dim, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.emb, self.inp.weight.dtype)).chunk(len(self.layers), dim=1)
+        temb = self.time(timestep_embedding(t, self.emb, self.time_scale, self.inp.weight.dtype))  # (B, layers hidden)
+        temb = temb.chunk(len(self.layers), dim=1)  # (B, hidden) each
         h = self.inp(x)
         for layer, e in zip(self.layers, temb):
             h = layer(F.silu(h + e))
@@ -142,7 +146,9 @@ class MLP(nn.Module):
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels), channels)  # Ho et al., Appendix B: group normalization, 32 groups
+    # Ho et al., Appendix B: group normalization, 32 groups; gcd(32, channels) groups where 32 does not divide the
+    # channels (with --channels 16 an up-path block takes 32 + 16 = 48 channels: 16 groups, where 32 would fail)
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -189,15 +195,16 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The PixelCNN++-style U-Net of Ho et al., Appendix B: num_res_blocks residual blocks per resolution,
-    self-attention at `attn_res`, stride-2 conv downsampling, nearest-neighbour + conv upsampling, skip
-    connections from every block of the down path, and a sinusoidal time embedding fed to every block."""
+    """The PixelCNN++-style U-Net of Ho et al., Appendix B (DDPM++ of Song et al. 2021 is a deeper variant of it):
+    num_res_blocks residual blocks per resolution, self-attention at `attn_res`, stride-2 conv downsampling,
+    nearest-neighbour + conv upsampling, skip connections from every block of the down path, and a sinusoidal
+    embedding of time_scale * t fed to every block (1 for DDPM's integer t in 1..T, 999 for t in [0, 1])."""
 
     def __init__(self, shape: tuple[int, int, int], channels: int = 128, channel_mult=(1, 2, 2, 2),
-                 num_res_blocks: int = 2, attn_res=(16,), dropout: float = 0.1):
+                 num_res_blocks: int = 2, attn_res=(16,), dropout: float = 0.1, time_scale: float = 1.0):
         super().__init__()
         c_img, res = shape[0], shape[1]
-        self.ch, temb = channels, 4 * channels
+        self.ch, self.time_scale, temb = channels, time_scale, 4 * channels
         self.time = nn.Sequential(nn.Linear(channels, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.conv_in = nn.Conv2d(c_img, channels, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [channels], channels
@@ -223,12 +230,13 @@ class UNet(nn.Module):
                     block.append(AttnBlock(c))
                 self.up.append(block)
             if level > 0:  # upsample: nearest neighbour x2, then a 3x3 conv
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(group_norm(c), nn.SiLU(), zero_init(nn.Conv2d(c, c_img, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.ch, self.conv_in.weight.dtype))  # (B, 4 ch)
+        temb = self.time(timestep_embedding(t, self.ch, self.time_scale, self.conv_in.weight.dtype))  # (B, 4 ch)
         hs = [self.conv_in(x)]
         for block in self.down:
             hs.append(self._run(block, hs[-1], temb))
@@ -324,7 +332,8 @@ def normal_kl(mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-a)) for a > 0."""
+    """log(1 - exp(-a)) for a > 0. One formula, finite everywhere: torch.where would turn an infinite value in
+    the branch it discards into a NaN gradient."""
     return torch.log(-torch.expm1(-a.clamp(min=1e-12)))
 
 
@@ -345,7 +354,7 @@ def discretized_gaussian_log_prob(x0: torch.Tensor, mean: torch.Tensor, var: tor
     return log_p.flatten(1).sum(1)
 
 
-def gaussian_log_prob(x0: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def continuous_gaussian_log_prob(x0: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     # log N(x_0; mean, var I), summed per example: the decoder for continuous (toy) data
     return (-0.5 * (math.log(2 * math.pi) + torch.log(var) + (x0 - mean) ** 2 / var)).flatten(1).sum(1)
 
@@ -371,7 +380,7 @@ def bound_terms(model: Diffusion, x0: torch.Tensor, t: torch.Tensor, net_rows: i
     kl = normal_kl(q_mean, q_var.clamp(min=1e-30).expand_as(x0), mean, var.expand_as(x0))  # Ho et al., Eq. 5
     if not bool((t == 1).any()):  # no L_0 among these pairs: skip the decoder's log-CDFs (a host sync on a GPU)
         return kl
-    decoder = discretized_gaussian_log_prob if model.kind == "8bit" else gaussian_log_prob
+    decoder = discretized_gaussian_log_prob if model.kind == "8bit" else continuous_gaussian_log_prob
     return torch.where(t == 1, -decoder(x0, mean, var), kl)
 
 

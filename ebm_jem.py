@@ -121,7 +121,7 @@ def maybe_sn(layer: nn.Module, on: bool) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(layer) if on else layer
 
 
-def mlp(sizes: list[int], sn: bool = False) -> nn.Sequential:
+def silu_mlp(sizes: list[int], sn: bool = False) -> nn.Sequential:
     """Linear layers with SiLU between them: smooth, so grad_x E is continuous for Langevin dynamics."""
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
@@ -157,7 +157,7 @@ class EnergyModel(nn.Module):
         if self.conv:
             self.net = conv_net(shape, hidden, out, sn)
         else:  # toys (2D) and --arch mlp: a 3-hidden-layer MLP on the flattened input
-            self.net = mlp([math.prod(shape), hidden, hidden, hidden, out], sn)
+            self.net = silu_mlp([math.prod(shape), hidden, hidden, hidden, out], sn)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """f(x): (B, K) for JEM; (B, 1) holding -E(x) for an EBM."""
@@ -264,12 +264,13 @@ def composed_energy(energies: list[Callable[[torch.Tensor], torch.Tensor]]) -> C
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: exact grid NLL in 2D; accuracy, calibration and OOD detection for images
 # ----------------------------------------------------------------------------------------------------------
-def grid_points(lim: float, n: int, device) -> torch.Tensor:
-    """Centres of an n x n grid over [-lim, lim]^2, row-major with rows from y = lim down (as histogram_2d)."""
-    step = 2 * lim / n
-    centers = -lim + step * (torch.arange(n, device=device) + 0.5)
-    y, x = torch.meshgrid(centers.flip(0), centers, indexing="ij")
-    return torch.stack([x.flatten(), y.flatten()], 1)
+def grid_points(bins: int, lim: float, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Centres of a bins x bins grid over [-lim, lim]^2, row-major with rows from y = lim down (as
+    common.histogram_2d): (bins * bins, 2), in dtype (None: torch's default dtype)."""
+    steps = torch.arange(bins, device=device, dtype=dtype or torch.get_default_dtype())
+    centres = (steps + 0.5) * (2 * lim / bins) - lim
+    y, x = torch.meshgrid(centres.flip(0), centres, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], dim=1)
 
 
 def energy_in_chunks(energy: Callable, x: torch.Tensor, chunk: int = 10_000) -> torch.Tensor:
@@ -279,7 +280,7 @@ def energy_in_chunks(energy: Callable, x: torch.Tensor, chunk: int = 10_000) -> 
 def grid_log_z(energy: Callable, lim: float, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """log Z = log integral over [-lim, lim]^2 of exp(-E) by the midpoint rule: logsumexp(-E) + log(cell
     area). Returns log Z and the energies on the grid (n * n,)."""
-    e = energy_in_chunks(energy, grid_points(lim, n, device))
+    e = energy_in_chunks(energy, grid_points(n, lim, device))
     return torch.logsumexp(-e, 0) + 2 * math.log(2 * lim / n), e
 
 

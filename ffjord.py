@@ -149,22 +149,22 @@ def conv_field(channels: int, hidden: tuple[int, ...], nonlinearity: str = "soft
 # ----------------------------------------------------------------------------------------------------------
 # The trace of df/dz: exactly, or by Hutchinson's estimator
 # ----------------------------------------------------------------------------------------------------------
-def divergence_exact(dz: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    # tr(df/dz) = sum_i df_i/dz_i, one backward pass per dimension (Chen et al. 2018, Sec. 4): (B,)
-    dz_flat = dz.flatten(1)
-    div = torch.zeros_like(dz_flat[:, 0])
-    for i in range(dz_flat.shape[1]):
-        grad_i = torch.autograd.grad(dz_flat[:, i].sum(), z, create_graph=create_graph, retain_graph=True)[0]
+def divergence_exact(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    # tr(df/dx) = sum_i df_i/dx_i, one backward pass per dimension (Chen et al. 2018, Sec. 4): (B,)
+    f_flat = f.flatten(1)
+    div = torch.zeros_like(f_flat[:, 0])
+    for i in range(f_flat.shape[1]):
+        grad_i = torch.autograd.grad(f_flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
         div = div + grad_i.flatten(1)[:, i]
     return div
 
 
-def divergence_hutchinson(dz: torch.Tensor, z: torch.Tensor, e: torch.Tensor, create_graph: bool):
-    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dz) = E_e[e^T (df/dz) e] for E[e] = 0, Cov(e) = I (Hutchinson 1989).
+def divergence_hutchinson(f: torch.Tensor, x: torch.Tensor, e: torch.Tensor, create_graph: bool):
+    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dx) = E_e[e^T (df/dx) e] for E[e] = 0, Cov(e) = I (Hutchinson 1989).
 
-    One vector-Jacobian product e^T (df/dz) per evaluation; returns the estimate (B,) and e^T df/dz (B, ...).
+    One vector-Jacobian product e^T (df/dx) per evaluation; returns the estimate (B,) and e^T df/dx (B, ...).
     """
-    e_J = torch.autograd.grad(dz, z, e, create_graph=create_graph, retain_graph=True)[0]
+    e_J = torch.autograd.grad(f, x, e, create_graph=create_graph, retain_graph=True)[0]
     return (e_J * e).flatten(1).sum(1), e_J
 
 
@@ -397,10 +397,11 @@ def evaluate(model: FFJORD, x: torch.Tensor, batch_size: int, dequantize=None) -
     return {"log_px": total / len(x), "nfe": (model.nfe() - nfe) / solves, "exact_trace": float(exact)}
 
 
-def grid_points(bins: int = GRID_BINS, lim: float = GRID_LIM, device=None) -> torch.Tensor:
+def grid_points(bins: int, lim: float, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Centres of a bins x bins grid over [-lim, lim]^2, row-major with rows from y = lim down (as
-    common.histogram_2d): (bins * bins, 2)."""
-    centres = (torch.arange(bins, device=device) + 0.5) * (2 * lim / bins) - lim
+    common.histogram_2d): (bins * bins, 2), in dtype (None: torch's default dtype)."""
+    steps = torch.arange(bins, device=device, dtype=dtype or torch.get_default_dtype())
+    centres = (steps + 0.5) * (2 * lim / bins) - lim
     y, x = torch.meshgrid(centres.flip(0), centres, indexing="ij")
     return torch.stack([x.flatten(), y.flatten()], dim=1)
 

@@ -1064,12 +1064,13 @@ class FlowVAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Likelihood evaluation
 # ----------------------------------------------------------------------------------------------------------
-def grid_points(lim: float, n: int, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Centres of an n x n grid over [-lim, lim]^2, row-major with rows from y = lim down (as histogram_2d)."""
-    step = 2 * lim / n
-    centers = -lim + step * (torch.arange(n, device=device, dtype=dtype or torch.get_default_dtype()) + 0.5)
-    y, x = torch.meshgrid(centers.flip(0), centers, indexing="ij")
-    return torch.stack([x.flatten(), y.flatten()], 1)
+def grid_points(bins: int, lim: float, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Centres of a bins x bins grid over [-lim, lim]^2, row-major with rows from y = lim down (as
+    common.histogram_2d): (bins * bins, 2), in dtype (None: torch's default dtype)."""
+    steps = torch.arange(bins, device=device, dtype=dtype or torch.get_default_dtype())
+    centres = (steps + 0.5) * (2 * lim / bins) - lim
+    y, x = torch.meshgrid(centres.flip(0), centres, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], dim=1)
 
 
 @torch.no_grad()
@@ -1081,7 +1082,7 @@ def log_prob_in_chunks(model: Flow, x: torch.Tensor, chunk: int = 10_000) -> tor
 def grid_mass(model: Flow, lim: float = 6.0, n: int = 300) -> float:
     # midpoint rule: integral of p over [-lim, lim]^2 ~ sum p(grid centre) * cell area; about 1 for a density
     p = next(model.parameters())
-    points = grid_points(lim, n, p.device, p.dtype)
+    points = grid_points(n, lim, p.device, p.dtype)
     return (log_prob_in_chunks(model, points).exp().sum() * (2 * lim / n) ** 2).item()
 
 
@@ -1126,7 +1127,7 @@ def evaluate_density(model: Flow, data: common.Data, args: Args, run: common.Run
     metrics = {"nll_nats": nll, "kl_data_model": nll - data.entropy,
                "mass": grid_mass(model, n=150 if args.quick else 300)}
     # density.png: the model density on [-4, 4]^2; samples.png and data.png: histograms of samples
-    common.save_heatmap(run.path("density.png"), log_prob_in_chunks(model, grid_points(4.0, 200, x.device, x.dtype))
+    common.save_heatmap(run.path("density.png"), log_prob_in_chunks(model, grid_points(200, 4.0, x.device, x.dtype))
                         .exp().view(200, 200))
     common.save_heatmap(run.path("samples.png"), common.histogram_2d(sample(model, 5000 if args.quick else 50_000)))
     common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x))
@@ -1140,10 +1141,10 @@ def evaluate_energy(model: Flow, args: Args, run: common.Run) -> tuple[dict, str
     # the variational free energy E_q[log q(z) + U(z)] = KL(q || p) - log Z (nats); lower is better
     metrics = {"free_energy_nats": (log_q + energy(args.target, z)).mean().item()}
     # KL(q || p) = F + log Z, log Z by the midpoint rule on [-6, 6]^2 (steps of 0.02)
-    points = grid_points(6.0, 600, z.device)
+    points = grid_points(600, 6.0, z.device)
     log_z = torch.logsumexp(-energy(args.target, points), 0).item() + 2 * math.log(12 / 600)
     metrics["kl_model_target"] = metrics["free_energy_nats"] + log_z
-    common.save_heatmap(run.path("target.png"), torch.exp(-energy(args.target, grid_points(4.0, 200, z.device)))
+    common.save_heatmap(run.path("target.png"), torch.exp(-energy(args.target, grid_points(200, 4.0, z.device)))
                         .view(200, 200))
     n_draw = 5000 if args.quick else 50_000
     common.save_heatmap(run.path("samples.png"), common.histogram_2d(model.sample_with_log_prob(n_draw)[0]))

@@ -89,11 +89,11 @@ def paper_lr(epoch: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Likelihoods log p(x|z): params (..., P, D) broadcast against x (..., D); each returns (...,) summed over D
+# Likelihoods log p(x|z), summed over the last dimension D; the LIKELIHOODS entries take params (..., P, D)
+# broadcast against x (..., D) and return (...,)
 # ----------------------------------------------------------------------------------------------------------
-def bernoulli_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l)
-    logits = params[..., 0, :]
+def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l), summed over the last dimension (the D pixels)
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
@@ -106,7 +106,9 @@ def discretized_logistic_log_prob(x: torch.Tensor, params: torch.Tensor) -> torc
     inv_scale = torch.exp(-log_scale)
     plus = inv_scale * (x - mean + 0.5 / 255)  # upper bin edge, standardized
     minus = inv_scale * (x - mean - 0.5 / 255)  # lower bin edge
-    # P = sigmoid(plus) - sigmoid(minus), computed on whichever tail is more accurate (see vae.py)
+    # P = sigmoid(plus) - sigmoid(minus), computed on whichever tail is more accurate:
+    # left of the mean  log P = log s(plus) + log(1 - s(minus)/s(plus))
+    # right of the mean log P = log s(-minus) + log(1 - s(-plus)/s(-minus))
     left = F.logsigmoid(plus) + _log1mexp(F.logsigmoid(plus) - F.logsigmoid(minus))
     right = F.logsigmoid(-minus) + _log1mexp(F.logsigmoid(-minus) - F.logsigmoid(-plus))
     log_p = torch.where(plus + minus < 0, left, right)
@@ -116,7 +118,8 @@ def discretized_logistic_log_prob(x: torch.Tensor, params: torch.Tensor) -> torc
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-a)) for a > 0, finite everywhere."""
+    """log(1 - exp(-a)) for a > 0. One formula, finite everywhere: torch.where would turn an infinite value in
+    the branch it discards into a NaN gradient."""
     return torch.log(-torch.expm1(-a.clamp(min=1e-12)))
 
 
@@ -126,8 +129,8 @@ def gaussian_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
-LIKELIHOODS = {  # data kind -> (log p(x|z), decoder outputs per dimension)
-    "binary": (bernoulli_log_prob, 1),
+LIKELIHOODS = {  # data kind -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
+    "binary": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
     "8bit": (discretized_logistic_log_prob, 2),
     "toy": (gaussian_log_prob, 2),
 }
@@ -148,7 +151,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int | None =
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0):
+def log_normal_logvar(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0):
     # log N(z; mu, diag(exp(logvar))), summed over the last dimension
     logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 * torch.exp(-logvar)).sum(-1)
@@ -157,7 +160,7 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Te
 # ----------------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------------
-def mlp(sizes: list[int]) -> nn.Sequential:
+def tanh_mlp(sizes: list[int]) -> nn.Sequential:
     # Burda et al. 2016, Sec. 5: tanh hidden units
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
@@ -178,8 +181,8 @@ class IWAE(nn.Module):
         num_dims = math.prod(shape)
         below = [num_dims] + [d for _, d in sizes[:-1]]  # the variable under each stochastic layer
         outs = [self.params_per_dim * num_dims] + [2 * d for d in below[1:]]  # what p(below | h_l) needs
-        self.q = nn.ModuleList(mlp([n, h, h, 2 * d]) for n, (h, d) in zip(below, sizes))  # q(h_l | h_{l-1})
-        self.p = nn.ModuleList(mlp([d, h, h, o]) for (h, d), o in zip(sizes, outs))  # p(h_{l-1} | h_l)
+        self.q = nn.ModuleList(tanh_mlp([n, h, h, 2 * d]) for n, (h, d) in zip(below, sizes))  # q(h_l | h_{l-1})
+        self.p = nn.ModuleList(tanh_mlp([d, h, h, o]) for (h, d), o in zip(sizes, outs))  # p(h_{l-1} | h_l)
         self.latent = sizes[-1][1]
 
     def decode(self, h1: torch.Tensor) -> torch.Tensor:
@@ -207,12 +210,12 @@ class IWAE(nn.Module):
                 inputs = x if l == 0 else hs[l - 1]
                 q_params[l] = torch.func.functional_call(net, stopped, (inputs,)).chunk(2, dim=-1)
         # 3. log q(h|x) = sum_l log q(h_l | h_{l-1})
-        log_q = sum(log_normal(h, mu, logvar) for h, (mu, logvar) in zip(hs, q_params))
+        log_q = sum(log_normal_logvar(h, mu, logvar) for h, (mu, logvar) in zip(hs, q_params))
         # 4. log p(x, h) = log p(h_L) + sum_{l>1} log p(h_{l-1} | h_l) + log p(x | h_1)
-        log_p = log_normal(hs[-1]) + self.log_px_given_z(x, self.decode(hs[0]))
+        log_p = log_normal_logvar(hs[-1]) + self.log_px_given_z(x, self.decode(hs[0]))
         for l in range(1, len(hs)):
             mu, logvar = self.p[l](hs[l]).chunk(2, dim=-1)
-            log_p = log_p + log_normal(hs[l - 1], mu, logvar)
+            log_p = log_p + log_normal_logvar(hs[l - 1], mu, logvar)
         return log_p - log_q, hs
 
     def forward(self, x: torch.Tensor, k: int = 5, objective: str = "iwae", dreg: bool = False):
@@ -249,9 +252,9 @@ def importance_weighted_log_px(log_weights: Callable[[int], torch.Tensor], k: in
     return torch.logsumexp(log_w, dim=0) - math.log(k), log_w.mean(0)
 
 
-def active_units(mean: torch.Tensor, threshold: float = 0.01) -> int:
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
     # Burda et al. 2016, Sec. 5.2: unit u is active if A_u = Cov_x(E_q(u|x)[u]) > 0.01
-    return int((mean.var(dim=0) > threshold).sum())
+    return int((mu.var(dim=0) > threshold).sum())
 
 
 def posterior_means(model: IWAE, x: torch.Tensor, samples: int = 100) -> list[torch.Tensor]:

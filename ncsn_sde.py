@@ -27,10 +27,10 @@ for toys, bits/dim of uniformly dequantized data for images, with the number of 
 
 Deviations from the papers:
 - The noise level enters the networks as t in [0, 1] (for NCSN and VE, log sigma is affine in t), through DDPM's
-  sinusoidal embedding of 999 t (30 t in the toy MLP, for a cheaper ODE; see MLP); the score is net(x, t) / sigma_t
-  (Song & Ermon 2020, Technique 3; for VP this is the eps-parameterization -eps_theta / sigma_t of the authors'
-  code). Both losses carry a factor 1/2 (NCSN Eq. 5; SDE Eq. 7 has none: a constant). The toy MLP and the
-  MNIST-sized U-Net are not in the papers.
+  sinusoidal embedding of 999 t (30 t in the toy MLP, for a cheaper ODE; see build_model); the score is
+  net(x, t) / sigma_t (Song & Ermon 2020, Technique 3; for VP this is the eps-parameterization -eps_theta / sigma_t
+  of the authors' code). Both losses carry a factor 1/2 (NCSN Eq. 5; SDE Eq. 7 has none: a constant). The toy MLP
+  and the MNIST-sized U-Net are not in the papers.
 - The VE kernel is N(x(0), (sigma(t)^2 - sigma_min^2) I) (Eq. 30); the authors' code uses sigma(t)^2.
 - The Langevin corrector's step 2 alpha (r ||z|| / ||s||)^2 takes the norms averaged over the batch, as the authors'
   code does (a per-example ratio is unstable in 2D); the PC loop runs corrector then predictor at each time, as in
@@ -132,7 +132,7 @@ def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # Score-matching objectives, per example (B,): J(theta) = 1/2 E||s - grad log p||^2 up to a constant
 # ----------------------------------------------------------------------------------------------------------
 def divergence_exact(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    # tr(df/dx) = sum_i df_i/dx_i, one backward pass per dimension: (B,)
+    # tr(df/dx) = sum_i df_i/dx_i, one backward pass per dimension (Chen et al. 2018, Sec. 4): (B,)
     f_flat = f.flatten(1)
     div = torch.zeros_like(f_flat[:, 0])
     for i in range(f_flat.shape[1]):
@@ -141,10 +141,13 @@ def divergence_exact(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> to
     return div
 
 
-def divergence_hutchinson(f: torch.Tensor, x: torch.Tensor, v: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    # Hutchinson 1989: tr(A) = E_v[v^T A v] for E[v] = 0, Cov(v) = I; one vector-Jacobian product: (B,)
-    v_J = torch.autograd.grad(f, x, v, create_graph=create_graph, retain_graph=True)[0]
-    return (v_J * v).flatten(1).sum(1)
+def divergence_hutchinson(f: torch.Tensor, x: torch.Tensor, e: torch.Tensor, create_graph: bool):
+    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dx) = E_e[e^T (df/dx) e] for E[e] = 0, Cov(e) = I (Hutchinson 1989).
+
+    One vector-Jacobian product e^T (df/dx) per evaluation; returns the estimate (B,) and e^T df/dx (B, ...).
+    """
+    e_J = torch.autograd.grad(f, x, e, create_graph=create_graph, retain_graph=True)[0]
+    return (e_J * e).flatten(1).sum(1), e_J
 
 
 def sample_probe(like: torch.Tensor, noise: str) -> torch.Tensor:
@@ -169,7 +172,7 @@ def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor |
     v = sample_probe(x, noise) if v is None else v
     with torch.enable_grad():
         s = score_fn(x)
-        return divergence_hutchinson(s, x, v, create_graph=create_graph) + 0.5 * s.flatten(1).pow(2).sum(1)
+        return divergence_hutchinson(s, x, v, create_graph=create_graph)[0] + 0.5 * s.flatten(1).pow(2).sum(1)
 
 
 def denoising_score_matching(score: torch.Tensor, x_tilde: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -331,21 +334,22 @@ def make_sde(name: str, args, sigma_max: float) -> SDE:
 # ----------------------------------------------------------------------------------------------------------
 # Networks s_theta(x, t) = net(x, t) / sigma_t, t in [0, 1]
 # ----------------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 999.0) -> torch.Tensor:
-    # Vaswani et al. 2017, Sec. 3.5 (as in DDPM and the authors' VP code): sin(scale t / 10000^(i/(d/2-1))), cosines
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1.0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Vaswani et al. 2017, Sec. 3.5 (as in Ho et al., Appendix B, and the authors' VP SDE code):
+    # sin(scale t / 10000^(i/(d/2-1))), then the cosines; scale 1 for DDPM's integer t in 1..T, 999 for t in
+    # [0, 1]; in the network's dtype (float32 also under bf16 autocast, whose first Linear casts it)
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=t.dtype) / (half - 1))
-    angles = scale * t[:, None] * freqs[None]  # (B, dim/2)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / (half - 1))
+    angles = scale * t.to(dtype)[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
 
 
 class MLP(nn.Module):
-    """For 2D toys: x -> hidden layers with the embedding of t added to each -> an output of x's size.
+    """For 2D toys: x -> SiLU hidden layers with the embedding of time_scale * t added to each -> an output of x's
+    size (1 for DDPM's integer t in 1..T; ncsn_sde.py's build_model says why it takes 30 for t in [0, 1])."""
 
-    The embedding is of 30 t, not 999 t: its fastest features then oscillate 33 times slower in t, and the adaptive
-    ODE solver took 710 function evaluations per likelihood solve with 999 t against 140 with 30 t (same training)."""
-
-    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, emb: int = 128, time_scale: float = 30.0):
+    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, emb: int = 128, time_scale: float = 1.0):
         super().__init__()
         self.emb, self.time_scale = emb, time_scale
         self.time = nn.Sequential(nn.Linear(emb, hidden), nn.SiLU(), nn.Linear(hidden, layers * hidden))
@@ -354,7 +358,8 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.emb, self.time_scale)).chunk(len(self.layers), dim=1)  # (B, hidden)
+        temb = self.time(timestep_embedding(t, self.emb, self.time_scale, self.inp.weight.dtype))  # (B, layers hidden)
+        temb = temb.chunk(len(self.layers), dim=1)  # (B, hidden) each
         h = self.inp(x)
         for layer, e in zip(self.layers, temb):
             h = layer(F.silu(h + e))
@@ -362,11 +367,14 @@ class MLP(nn.Module):
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)  # 32 groups (DDPM), fewer when channels do not divide
+    # Ho et al., Appendix B: group normalization, 32 groups; gcd(32, channels) groups where 32 does not divide the
+    # channels (with --channels 16 an up-path block takes 32 + 16 = 48 channels: 16 groups, where 32 would fail)
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
-    nn.init.zeros_(module.weight)  # each residual branch starts as the identity
+    # the authors' code starts the last layer of every residual branch at zero: each block begins as the identity
+    nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
 
@@ -390,7 +398,7 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H x W positions."""
+    """Single-head self-attention over the H x W positions (Ho et al., Appendix B: at the 16x16 resolution)."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -398,20 +406,26 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b (h w) c", three=3)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, (B, HW, C)
-        return x + self.proj(rearrange(out, "b (h w) c -> b c h w", h=h, w=w))
+        # (B, 1 head, HW, 3C) with channels innermost: the fused attention kernels take only 4-D inputs whose last
+        # dimension is contiguous (otherwise the unfused math runs, 3x slower on a CPU at 14x14); the copy is free
+        # when the activations are channels-last
+        qkv = rearrange(self.qkv(self.norm(x)), "b c h w -> b 1 (h w) c").contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)  # each (B, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, (B, 1, HW, C)
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net (Ho et al. 2020, Appendix B; DDPM++ of Song et al. 2021 is a deeper variant of it): residual
-    blocks per resolution, self-attention at `attn_res`, stride-2 conv down, nearest + conv up, skip connections."""
+    """The PixelCNN++-style U-Net of Ho et al., Appendix B (DDPM++ of Song et al. 2021 is a deeper variant of it):
+    num_res_blocks residual blocks per resolution, self-attention at `attn_res`, stride-2 conv downsampling,
+    nearest-neighbour + conv upsampling, skip connections from every block of the down path, and a sinusoidal
+    embedding of time_scale * t fed to every block (1 for DDPM's integer t in 1..T, 999 for t in [0, 1])."""
 
     def __init__(self, shape: tuple[int, int, int], channels: int = 128, channel_mult=(1, 2, 2, 2),
-                 num_res_blocks: int = 2, attn_res=(16,), dropout: float = 0.1):
+                 num_res_blocks: int = 2, attn_res=(16,), dropout: float = 0.1, time_scale: float = 1.0):
         super().__init__()
         c_img, res = shape[0], shape[1]
-        self.ch, temb = channels, 4 * channels
+        self.ch, self.time_scale, temb = channels, time_scale, 4 * channels
         self.time = nn.Sequential(nn.Linear(channels, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.conv_in = nn.Conv2d(c_img, channels, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [channels], channels
@@ -423,7 +437,7 @@ class UNet(nn.Module):
                     block.append(AttnBlock(c))
                 self.down.append(block)
                 skips.append(c)
-            if level < len(channel_mult) - 1:  # (B, c, res, res) -> (B, c, res/2, res/2)
+            if level < len(channel_mult) - 1:  # downsample: (B, c, res, res) -> (B, c, res/2, res/2)
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
                 res //= 2
@@ -436,14 +450,14 @@ class UNet(nn.Module):
                 if res in attn_res:
                     block.append(AttnBlock(c))
                 self.up.append(block)
-            if level > 0:  # nearest neighbour x2, then a 3x3 conv
+            if level > 0:  # upsample: nearest neighbour x2, then a 3x3 conv
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(c, c, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(group_norm(c), nn.SiLU(), zero_init(nn.Conv2d(c, c_img, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.ch))  # (B, 4 ch)
+        temb = self.time(timestep_embedding(t, self.ch, self.time_scale, self.conv_in.weight.dtype))  # (B, 4 ch)
         hs = [self.conv_in(x)]
         for block in self.down:
             hs.append(self._run(block, hs[-1], temb))
@@ -534,7 +548,7 @@ def ode_log_likelihood(sde: SDE, score_fn: Callable, x: torch.Tensor, eps: float
         with torch.enable_grad():
             y = state[0].detach().requires_grad_(True)
             drift = probability_flow_drift(sde, score_fn, y, t.expand(b))
-            div = divergence_exact(drift, y, False) if v is None else divergence_hutchinson(drift, y, v, False)
+            div = divergence_exact(drift, y, False) if v is None else divergence_hutchinson(drift, y, v, False)[0]
         return drift.detach(), div.detach()
 
     times = torch.tensor([eps, sde.T], device=x.device, dtype=x.dtype)
@@ -672,9 +686,11 @@ def evaluate(model: ScoreModel, x: torch.Tensor, data: common.Data, args: Args, 
     return out
 
 
-def grid_points(bins: int = GRID_BINS, lim: float = GRID_LIM, device=None) -> torch.Tensor:
-    """Centres of a bins x bins grid over [-lim, lim]^2, rows from y = lim down (as common.histogram_2d)."""
-    centres = (torch.arange(bins, device=device) + 0.5) * (2 * lim / bins) - lim
+def grid_points(bins: int, lim: float, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Centres of a bins x bins grid over [-lim, lim]^2, row-major with rows from y = lim down (as
+    common.histogram_2d): (bins * bins, 2), in dtype (None: torch's default dtype)."""
+    steps = torch.arange(bins, device=device, dtype=dtype or torch.get_default_dtype())
+    centres = (steps + 0.5) * (2 * lim / bins) - lim
     y, x = torch.meshgrid(centres.flip(0), centres, indexing="ij")
     return torch.stack([x.flatten(), y.flatten()], dim=1)
 
@@ -749,12 +765,15 @@ def default_sigma_max(data: common.Data, args: Args) -> float:
 
 def build_model(data: common.Data, args: Args) -> ScoreModel:
     if data.kind == "toy":
-        net = MLP(data.shape[0], args.hidden)
+        # the embedding of 30 t, not 999 t: its fastest features then oscillate 33 times slower in t, and the
+        # adaptive ODE solver took 710 function evaluations per likelihood solve with 999 t against 140 with 30 t
+        # (same training)
+        net = MLP(data.shape[0], args.hidden, time_scale=30.0)
     else:
         res = data.shape[1]
         mult = args.channel_mult or ((1, 2, 2, 2) if res >= 32 else (1, 2, 2))
         net = UNet(data.shape, args.channels or (128 if res >= 32 else 64), mult, args.num_res_blocks,
-                   args.attn_res or (res // 2,), args.dropout)
+                   args.attn_res or (res // 2,), args.dropout, time_scale=999.0)
     sigma_max = default_sigma_max(data, args)
     if args.method == "ncsn":  # NCSN's ladder, and the VE SDE it discretizes (for the ODE likelihood and pc/em/ode)
         sde = VESDE(args.sigma_min, sigma_max, args.sample_steps)

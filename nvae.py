@@ -132,7 +132,7 @@ def residual_normal_kl(delta_mu: torch.Tensor, delta_log_sigma: torch.Tensor, lo
     return 0.5 * (delta_mu**2 * torch.exp(-2 * log_sigma_p) + delta_sigma_sq - 2 * delta_log_sigma - 1)
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+def log_normal_log_sigma(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     # log N(z; mu, sigma^2), summed over all but the first dimension: (B,)
     log_p = -0.5 * math.log(2 * math.pi) - log_sigma - 0.5 * ((z - mu) * torch.exp(-log_sigma)) ** 2
     return log_p.flatten(1).sum(1)
@@ -277,12 +277,13 @@ class DecoderCombiner(nn.Module):
 # Likelihoods log p(x | params): images (B, C, H, W) in [0, 1], returns (B,) summed over pixels
 # ----------------------------------------------------------------------------------------------------------
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l)
-    return (x * logits - F.softplus(logits)).flatten(1).sum(1)
+    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l), summed over the last dimension (the D pixels)
+    return (x * logits - F.softplus(logits)).sum(-1)
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-a)) for a > 0, finite everywhere (a clamped away from 0)."""
+    """log(1 - exp(-a)) for a > 0. One formula, finite everywhere: torch.where would turn an infinite value in
+    the branch it discards into a NaN gradient."""
     return torch.log(-torch.expm1(-a.clamp(min=1e-12)))
 
 
@@ -484,7 +485,7 @@ class NVAE(nn.Module):
     # -- likelihood ---------------------------------------------------------------------------------------
     def log_px_given_z(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         if self.kind == "binary":
-            return bernoulli_log_prob(x, params)
+            return bernoulli_log_prob(x.flatten(1), params.flatten(1))
         return discretized_mixture_log_prob(x, params, self.mixtures)
 
     def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
@@ -525,8 +526,8 @@ def log_weights(model: NVAE, x: torch.Tensor, features: list[torch.Tensor]) -> t
     params, groups = model.top_down(features)
     log_w = model.log_px_given_z(x, params)
     for g in groups:
-        log_w = log_w + log_normal(g["z"], g["mu_p"], g["log_sigma_p"]) - log_normal(g["z"], g["mu"],
-                                                                                      g["log_sigma"])
+        log_w = log_w + (log_normal_log_sigma(g["z"], g["mu_p"], g["log_sigma_p"])
+                         - log_normal_log_sigma(g["z"], g["mu"], g["log_sigma"]))
     return log_w
 
 

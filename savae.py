@@ -104,14 +104,14 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # per dimension, (B, d)
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0):
+def log_normal_logvar(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0):
     # log N(z; mu, diag(exp(logvar))), summed over the last dimension
     logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l), summed over the D pixels
+    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l), summed over the last dimension (the D pixels)
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
@@ -283,7 +283,7 @@ def log_weights(model: SAVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.T
                 context=None) -> torch.Tensor:
     """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x) for z_i ~ q = N(mu, exp(logvar)): (samples, B)."""
     z = reparameterize(mu, logvar, samples=samples)  # (S, B, d)
-    return model.decoder(x, z, context) + log_normal(z) - log_normal(z, mu, logvar)
+    return model.decoder(x, z, context) + log_normal_logvar(z) - log_normal_logvar(z, mu, logvar)
 
 
 def importance_weighted_log_px(model: SAVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int,
@@ -298,7 +298,7 @@ def importance_weighted_log_px(model: SAVAE, x: torch.Tensor, mu: torch.Tensor, 
 
 
 def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
-    # Burda et al. 2016, Sec. 5.2: unit u is active if Cov_x(E_q[u]) > 0.01
+    # Burda et al. 2016, Sec. 5.2: unit u is active if A_u = Cov_x(E_q(u|x)[u]) > 0.01
     return int((mu.var(dim=0) > threshold).sum())
 
 

@@ -74,11 +74,11 @@ ROWS_PER_CHUNK = 4096  # decoder rows (samples x images) per chunk of the import
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Likelihoods log p(x|z): params (..., P, D) broadcast against x (..., D); each returns (...,) summed over D
+# Likelihoods log p(x|z), summed over the last dimension D; the LIKELIHOODS entries take params (..., P, D)
+# broadcast against x (..., D) and return (...,)
 # ----------------------------------------------------------------------------------------------------------
-def bernoulli_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l)
-    logits = params[..., 0, :]
+def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l), summed over the last dimension (the D pixels)
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
@@ -114,8 +114,8 @@ def gaussian_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
-LIKELIHOODS = {  # data kind -> (log p(x|z), decoder outputs per dimension)
-    "binary": (bernoulli_log_prob, 1),
+LIKELIHOODS = {  # data kind -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
+    "binary": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
     "8bit": (discretized_logistic_log_prob, 2),
     "toy": (gaussian_log_prob, 2),
 }
@@ -141,7 +141,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # per dimension, (B, d)
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0):
+def log_normal_logvar(z: torch.Tensor, mu: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0):
     # log N(z; mu, diag(exp(logvar))), summed over the last dimension
     logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 * torch.exp(-logvar)).sum(-1)
@@ -258,12 +258,12 @@ def importance_weighted_log_px(x: torch.Tensor, mu: torch.Tensor, logvar: torch.
     log_w = []
     for start in range(0, k, chunk):
         z = reparameterize(mu, logvar, samples=min(chunk, k - start))  # (S, B, d)
-        log_w.append(log_px_given_z(z) + log_normal(z) - log_normal(z, mu, logvar))  # (S, B)
+        log_w.append(log_px_given_z(z) + log_normal_logvar(z) - log_normal_logvar(z, mu, logvar))  # (S, B)
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
 
 
 def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
-    # Burda et al. 2016, Sec. 5.2: unit u is active if Cov_x(E_q(u|x)[u]) > 0.01
+    # Burda et al. 2016, Sec. 5.2: unit u is active if A_u = Cov_x(E_q(u|x)[u]) > 0.01
     return int((mu.var(dim=0) > threshold).sum())
 
 
@@ -273,7 +273,7 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     He et al. 2019, Sec. 4 (estimated as in their code): one z per example, q(z) ~ (1/N) sum_j q(z|x_j).
     """
     z = reparameterize(mu, logvar)  # (N, d)
-    log_q_cond = log_normal(z[:, None], mu[None], logvar[None])  # (N, N): log q(z_i | x_j)
+    log_q_cond = log_normal_logvar(z[:, None], mu[None], logvar[None])  # (N, N): log q(z_i | x_j)
     log_q_z = torch.logsumexp(log_q_cond, dim=1) - math.log(len(mu))
     return (log_q_cond.diagonal() - log_q_z).mean()
 

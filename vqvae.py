@@ -119,11 +119,11 @@ MODEL_FIELDS = ("levels", "hidden", "res_blocks", "down", "codebook_size", "code
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Likelihoods log p(x|z): params (..., P, D) broadcast against x (..., D); each returns (...,) summed over D
+# Likelihoods log p(x|z), summed over the last dimension D; the LIKELIHOODS entries take params (..., P, D)
+# broadcast against x (..., D) and return (...,)
 # ----------------------------------------------------------------------------------------------------------
-def bernoulli_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l)
-    logits = params[..., 0, :]
+def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # log Bern(x; sigmoid(l)) = x l - log(1 + e^l), summed over the last dimension (the D pixels)
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
@@ -153,13 +153,13 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(-a.clamp(min=1e-12)))
 
 
-LIKELIHOODS = {  # data kind -> (log p(x|z), decoder outputs per dimension)
-    "binary": (bernoulli_log_prob, 1),
+LIKELIHOODS = {  # data kind -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
+    "binary": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
     "8bit": (discretized_logistic_log_prob, 2),
 }
 
 
-def decoder_mean(kind: str, params: torch.Tensor) -> torch.Tensor:
+def clipped_decoder_mean(kind: str, params: torch.Tensor) -> torch.Tensor:
     """The picture of p(x|z): sigmoid of the Bernoulli logits, or the logistic's location clipped to [0, 1]."""
     return torch.sigmoid(params[..., 0, :]) if kind == "binary" else params[..., 0, :].clamp(0, 1)
 
@@ -380,7 +380,7 @@ class VQVAE(nn.Module):
         vq = commitment if self.quant_b.ema else codebook_loss
         loss = (rec + (0 if self.quant_b.ema else codebook_loss) + self.beta * commitment).mean()
         metrics = {"loss": loss, "rec": rec.mean(), "vq": vq.mean(),
-                   "mse": (decoder_mean(self.kind, params) - x.flatten(1)).pow(2).mean()}
+                   "mse": (clipped_decoder_mean(self.kind, params) - x.flatten(1)).pow(2).mean()}
         for name, q in zip(["", "_top"], quantized):
             metrics[f"perplexity{name}"] = perplexity(q["counts"])
             metrics[f"codes_used{name}"] = (q["counts"] > 0).float().mean()
@@ -516,7 +516,7 @@ def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int = 500) -> dict
         quantized = model.quantize(xb)
         params = model.decode([q["z_q"] for q in quantized])
         rec += -model.log_px_given_z(xb.flatten(1), params).sum().item()
-        mse += (decoder_mean(model.kind, params) - xb.flatten(1)).pow(2).mean(1).sum().item()
+        mse += (clipped_decoder_mean(model.kind, params) - xb.flatten(1)).pow(2).mean(1).sum().item()
         for level, q in enumerate(quantized):
             counts[level] = counts[level] + q["counts"]
             codes[level].append(q["index"])
@@ -588,7 +588,7 @@ def sample_codes(prior: CodePrior, n: int, shapes: list[tuple[int, int]], y: tor
 @torch.no_grad()
 def sample(model: VQVAE, codes: list[torch.Tensor]) -> torch.Tensor:
     """Decode code grids (bottom first) to pictures: the decoder mean, (n, C, H, W)."""
-    return decoder_mean(model.kind, model.decode_codes(codes)).reshape(len(codes[0]), *model.shape)
+    return clipped_decoder_mean(model.kind, model.decode_codes(codes)).reshape(len(codes[0]), *model.shape)
 
 
 def usage_picture(counts: list[torch.Tensor], height: int = 64) -> torch.Tensor:

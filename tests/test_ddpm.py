@@ -178,7 +178,7 @@ def test_gaussian_decoder_and_kl_match_torch_distributions():
     torch.manual_seed(0)
     x, mean, var = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5, 1) + 0.1
     expected = torch.distributions.Normal(mean, var.sqrt()).log_prob(x).sum(1)
-    assert torch.allclose(ddpm.gaussian_log_prob(x, mean, var), expected)
+    assert torch.allclose(ddpm.continuous_gaussian_log_prob(x, mean, var), expected)
     m2, v2 = torch.randn(5, 3), torch.rand(5, 3) + 0.1
     p, q = torch.distributions.Normal(mean, var.sqrt().expand(5, 3)), torch.distributions.Normal(m2, v2.sqrt())
     assert torch.allclose(ddpm.normal_kl(mean, var.expand(5, 3), m2, v2), torch.distributions.kl_divergence(p, q).sum(1))
@@ -275,6 +275,29 @@ def test_paper_unet_has_35_7_million_parameters_and_image_shaped_output():
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 500, 1000])
     assert small(x, t).shape == x.shape
     assert ddpm.MLP(2, 64)(torch.randn(5, 2), t.repeat(2)[:5]).shape == (5, 2)
+
+
+def test_unet_with_16_base_channels_builds_and_runs():
+    # --channels 16: an up-path block takes 32 + 16 = 48 channels, which 32 groups do not divide; gcd(32, 48) = 16
+    net = ddpm.UNet((1, 8, 8), 16, (1, 2), 1, (4,))
+    assert any(isinstance(m, nn.GroupNorm) and (m.num_channels, m.num_groups) == (48, 16) for m in net.modules())
+    assert ddpm.group_norm(64).num_groups == 32 and ddpm.group_norm(16).num_groups == 16  # 32 where they divide
+    x = torch.randn(2, 1, 8, 8)
+    assert net(x, torch.tensor([1, 1000])).shape == x.shape
+
+
+def test_timestep_embedding_is_sin_and_cos_of_t_in_the_network_dtype():
+    t = torch.tensor([1, 7, 1000])
+    freqs = torch.exp(-math.log(10000) * torch.arange(8, dtype=torch.float64) / 7)  # dim 16: 10000^(-i/(d/2-1))
+    angles = t.double()[:, None] * freqs[None]
+    expected = torch.cat([angles.sin(), angles.cos()], 1)
+    assert torch.equal(ddpm.timestep_embedding(t, 16, dtype=torch.float64), expected)
+    assert ddpm.timestep_embedding(t, 16).dtype == torch.float32  # the default, as under bf16 autocast
+    seen = []
+    net = ddpm.UNet((1, 8, 8), 16, (1, 2), 1, (4,))  # the embedding reaches the network unscaled, in its dtype
+    net.time.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    net(torch.randn(3, 1, 8, 8), t)
+    assert net.time_scale == 1.0 and torch.equal(seen[0], expected)
 
 
 def test_ema_follows_the_weights_with_warm_up():

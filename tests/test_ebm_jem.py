@@ -235,7 +235,7 @@ def test_grid_log_z_of_a_gaussian_energy_and_the_toy_nll():
 def test_grid_points_match_histogram_orientation():
     import common
 
-    points = ebm_jem.grid_points(2.0, 4, "cpu")
+    points = ebm_jem.grid_points(4, 2.0, "cpu")
     counts = common.histogram_2d(points, bins=4, lim=2.0)
     assert (counts == 1).all()  # every centre in its own cell
     assert points[0].tolist() == [-1.5, 1.5] and points[-1].tolist() == [1.5, -1.5]  # top-left, bottom-right

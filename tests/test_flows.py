@@ -153,7 +153,7 @@ def test_samplers_follow_the_model_dtype():
         x, log_q = model.sample_with_log_prob(5)
         assert x.dtype == log_q.dtype == torch.float64
     assert flows.sample_vae(vae, 5).dtype == torch.float64
-    assert flows.grid_points(2.0, 3, "cpu", torch.float64).dtype == torch.float64
+    assert flows.grid_points(3, 2.0, "cpu", torch.float64).dtype == torch.float64
     assert 0 < flows.grid_mass(toy, n=30) < 1.5  # the grid in the model's dtype
     z, log_q = vae.posterior(torch.bernoulli(torch.full((2, 6), 0.5, dtype=torch.float64)), 3)
     assert z.dtype == log_q.dtype == torch.float64
@@ -370,17 +370,17 @@ def test_energies_match_table_1_at_known_points():
 def test_energies_are_normalizable_with_the_wall():
     # log Z on [-6, 6]^2 at two resolutions agree, and almost no mass lies beyond |z1| = 4.5
     for name in ("u1", "u2", "u3", "u4"):
-        log_z = [torch.logsumexp(-flows.energy(name, flows.grid_points(6.0, n, "cpu")), 0) + 2 * math.log(12 / n)
+        log_z = [torch.logsumexp(-flows.energy(name, flows.grid_points(n, 6.0, "cpu")), 0) + 2 * math.log(12 / n)
                  for n in (300, 600)]
         assert abs(log_z[0] - log_z[1]) < 1e-3, name
-        inside = flows.grid_points(6.0, 600, "cpu")
+        inside = flows.grid_points(600, 6.0, "cpu")
         outside = inside[:, 0].abs() > 4.5
         mass = torch.exp(-flows.energy(name, inside) - log_z[1]) * (12 / 600) ** 2
         assert mass[outside].sum() < 1e-6, name
 
 
 def test_grid_points_follow_histogram_orientation():
-    points = flows.grid_points(4.0, 200, "cpu")
+    points = flows.grid_points(200, 4.0, "cpu")
     counts = common.histogram_2d(points, bins=200, lim=4.0)
     assert torch.equal(counts, torch.ones(200, 200))
 

@@ -3,6 +3,7 @@ annealed Langevin dynamics on the paper's two-mode mixture, the SDEs' kernels ag
 simulation, their discretizations against NCSN's and DDPM's chains, the samplers and the probability-flow
 likelihood with the exact score of Gaussian data, Hutchinson's estimator, and the losses and networks."""
 
+import dataclasses
 import itertools
 import math
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import common
 import ncsn_sde
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
@@ -410,10 +412,10 @@ def test_hutchinson_divergence_is_unbiased_and_exact_divergence_is_the_jacobian_
     trace = jac.diagonal(dim1=0, dim2=2).sum(-1)
     assert torch.allclose(ncsn_sde.divergence_exact(f, x, False), trace, atol=1e-12)
     probes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)))
-    mean = torch.stack([ncsn_sde.divergence_hutchinson(f, x, v.expand(10, 3), False) for v in probes]).mean(0)
+    mean = torch.stack([ncsn_sde.divergence_hutchinson(f, x, v.expand(10, 3), False)[0] for v in probes]).mean(0)
     assert torch.allclose(mean, trace, atol=1e-12)
     for noise in ("rademacher", "gaussian"):
-        draws = torch.stack([ncsn_sde.divergence_hutchinson(f, x, ncsn_sde.sample_probe(x, noise), False)
+        draws = torch.stack([ncsn_sde.divergence_hutchinson(f, x, ncsn_sde.sample_probe(x, noise), False)[0]
                              for _ in range(3000)])
         se = draws.std(0) / math.sqrt(len(draws))
         assert ((draws.mean(0) - trace).abs() < 4.5 * se + 1e-12).all(), noise
@@ -439,10 +441,28 @@ def test_density_grid_integrates_to_one_for_a_gaussian():
 
 # ---------------------------------------------------------------------------------------------- networks
 def test_networks_have_the_input_shape_and_the_score_scales_with_one_over_sigma():
-    mlp = ncsn_sde.MLP(2, 32)
+    mlp = ncsn_sde.MLP(2, 32, time_scale=30.0)
     assert mlp(torch.randn(5, 2), torch.rand(5)).shape == (5, 2)
-    unet = ncsn_sde.UNet((1, 28, 28), 16, (1, 2), 1, (14,), 0.0)
+    unet = ncsn_sde.UNet((1, 28, 28), 16, (1, 2), 1, (14,), 0.0, time_scale=999.0)
     assert unet(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
     model = ncsn_sde.ScoreModel(mlp, "sde", ncsn_sde.VPSDE(), "dsm")
     x, t = torch.randn(5, 2), torch.rand(5)
     assert torch.allclose(model.score(x, t) * model.sde.marginal_std(t)[:, None], mlp(x, t))
+
+
+def test_build_model_embeds_999_t_in_the_unet_and_30_t_in_the_toy_mlp():
+    def embedding(t, dim, scale):  # sin and cos of scale t 10000^(-i/(d/2-1)), in t's dtype
+        freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=t.dtype) / (dim // 2 - 1))
+        angles = scale * t[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    torch.manual_seed(0)
+    images = common.Data("fake", "8bit", torch.rand(8, 1, 28, 28), None, torch.rand(8, 1, 28, 28), None)
+    toys = common.Data("fake", "toy", torch.randn(8, 2), None, torch.randn(8, 2), None)
+    args = dataclasses.replace(ncsn_sde.Args(), channels=16, channel_mult=(1, 2), num_res_blocks=1, hidden=16)
+    t = torch.rand(3)
+    for data, x, scale, dim in [(images, torch.rand(3, 1, 28, 28), 999.0, 16), (toys, torch.randn(3, 2), 30.0, 128)]:
+        net, seen = ncsn_sde.build_model(data, args).net, []
+        net.time.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        net(x, t)
+        assert net.time_scale == scale and torch.equal(seen[0], embedding(t, dim, scale))

@@ -162,7 +162,7 @@ def test_importance_sampled_log_px_matches_numerical_integration():
     # log p(x) = log int p(x|z) N(z; 0, 1) dz by the trapezoid rule on a fine grid
     z = torch.linspace(-12, 12, 24_001)[:, None, None]  # (G, 1, 1): broadcast over the 3 images
     with torch.no_grad():
-        log_joint = model.decoder(x, z.expand(-1, 3, 1)) + savae.log_normal(z.expand(-1, 3, 1))  # (G, 3)
+        log_joint = model.decoder(x, z.expand(-1, 3, 1)) + savae.log_normal_logvar(z.expand(-1, 3, 1))  # (G, 3)
     exact = torch.logsumexp(log_joint, 0) + math.log(z[1, 0, 0] - z[0, 0, 0])
     with torch.no_grad():
         mu, logvar = model.encode(x)

@@ -166,7 +166,8 @@ def test_bernoulli_and_gaussian_match_torch_distributions():
     torch.manual_seed(0)
     x, logits = torch.bernoulli(torch.full((4, 10), 0.5)), torch.randn(4, 1, 10) * 5
     expected = torch.distributions.Bernoulli(logits=logits[:, 0]).log_prob(x).sum(-1)
-    assert torch.allclose(vae.bernoulli_log_prob(x, logits), expected)
+    assert torch.allclose(vae.bernoulli_log_prob(x, logits[:, 0]), expected)
+    assert torch.allclose(vae.LIKELIHOODS["binary"][0](x, logits), expected)  # the decoder's params (B, 1, D)
     y, params = torch.randn(4, 3), torch.randn(4, 2, 3)
     expected = torch.distributions.Normal(params[:, 0], (0.5 * params[:, 1]).exp()).log_prob(y).sum(-1)
     assert torch.allclose(vae.gaussian_log_prob(y, params), expected)
