@@ -9,7 +9,7 @@ energy, E(x) = -logsumexp_y f(x)[y], and trains log p(y|x) + log p(x) with the s
 
     python ebm_jem.py --quick                                  # JEM on MNIST, a few seconds on a CPU
     python ebm_jem.py --model jem --dataset mnist              # JEM: accuracy, ECE, OOD AUROC, samples
-    python ebm_jem.py --model jem --dataset mnist --lr 3e-4 --sgld-step 50 --steps 300 --compose  # 6 CPU min
+    python ebm_jem.py --model jem --dataset mnist --lr 3e-4 --steps 300 --compose  # 6 CPU min
     python ebm_jem.py --model jem --dataset mnist --compose --compose-classes 1 7   # sample E(x|1) + E(x|7)
     python ebm_jem.py --model ebm --dataset two_moons --arch mlp --batch-size 256 --lr 1e-3 --lr-decay \
         --energy-reg 0.01 --sgld-step 0.01 --sgld-noise 0.1 --data-noise 0 --steps 2000 --compose
@@ -30,9 +30,9 @@ Deviations from the papers:
   Mordatch's ResNets on CIFAR-10; a 3-hidden-layer SiLU MLP on 2D toys. No batch norm (as in JEM).
 - SGLD writes x <- x - (step/2) grad E(x) + noise * N(0, I) with step and noise as separate flags; step =
   noise^2 is Langevin dynamics proper. JEM's code adds 1 x grad log p per step, i.e. step 2 here, with noise
-  0.01 (the defaults); the 2D commands use step = noise^2. With the small CNN, grad_x E is so small
+  0.01 (the default noise); the 2D commands use step = noise^2. With the small CNN, grad_x E is so small
   that step 2 leaves the chains at their noise start: the negatives are then trivially separable and the
-  energy term swamps the classifier (chance accuracy after 150 steps); the MNIST command uses step 50.
+  energy term swamps the classifier (chance accuracy after 150 steps), so the default step is 50.
   Samples are clamped to [-1, 1] (images, as in Du & Mordatch) or to the grid box (toys).
 - Images are rescaled to [-1, 1] and JEM's N(0, 0.03^2) data noise is added during training (--data-noise).
 - The re-initialized fraction of each batch is exact (round(0.05 B) chains) rather than a Bernoulli draw.
@@ -73,7 +73,7 @@ class Args:
     lr_decay: bool = False  # cosine decay of the learning rate to 0 over --steps (not in the papers)
     energy_reg: float = 0.0  # alpha of the L2 penalty alpha (E(x+)^2 + E(x-)^2) (Du & Mordatch: 1; JEM: 0); >= 0
     sgld_steps: int = 20  # SGLD steps per training step (JEM: 20); >= 1
-    sgld_step: float = 2.0  # SGLD step size in x <- x - (step/2) grad E + noise eps (JEM's code: 2, see above); > 0
+    sgld_step: float = 50.0  # SGLD step size in x <- x - (step/2) grad E + noise eps (JEM's code: 2; see above); > 0
     sgld_noise: float = 0.01  # std of the SGLD noise (JEM: 0.01; Langevin proper: sqrt(step)); >= 0
     buffer_size: int = 10000  # replay buffer size (JEM: 10000); >= 1
     reinit: float = 0.05  # fraction of chains re-initialized from noise each step (JEM, Du & Mordatch: 0.05); in [0, 1]

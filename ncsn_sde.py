@@ -74,13 +74,13 @@ class Args:
     sigma_max: float = 0.0  # largest (0: 1.0 for NCSN on images as in the paper, else the largest distance between two of the first 1000 training examples, Song & Ermon 2020 Technique 1); >= 0
     beta_min: float = 0.1  # VP / sub-VP: beta(0) (paper: 0.1); >= 0
     beta_max: float = 20.0  # VP / sub-VP: beta(1) (paper: 20); > 0
-    sampler: Literal["ald", "pc", "em", "ode"] = ""  # pictures (default: ald for --method ncsn, pc for sde)
+    sampler: Literal["auto", "ald", "pc", "em", "ode"] = "auto"  # pictures (auto: ald for --method ncsn, pc for sde)
     sample_steps: int = 1000  # N, discretization steps of the pc / em samplers (paper: 1000); >= 1
     snr: float = 0.16  # r, signal-to-noise ratio of the Langevin corrector (paper: 0.16); > 0
     corrector_steps: int = 1  # M, corrector steps per predictor step (0: predictor only); >= 0
     ald_eps: float = 2e-5  # annealed Langevin step epsilon (Song & Ermon 2019: 2e-5); > 0
     ald_steps: int = 100  # annealed Langevin steps per noise level, T (Song & Ermon 2019: 100); >= 1
-    divergence: Literal["exact", "rademacher", "gaussian"] = ""  # trace in the likelihood ODE (default: exact up to 64 dimensions, rademacher above)
+    divergence: Literal["auto", "exact", "rademacher", "gaussian"] = "auto"  # likelihood ODE trace (auto: exact to 64 dims)
     rtol: float = 1e-5  # ODE solver relative tolerance (paper: 1e-5); > 0
     atol: float = 1e-5  # ODE solver absolute tolerance (paper: 1e-5); > 0
     grid_bins: int = 100  # toys: the density heatmap's grid is grid_bins x grid_bins over [-4, 4]^2; >= 2
@@ -629,7 +629,7 @@ def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_na
            progress: Callable = iter) -> torch.Tensor:
     """n samples in the model's coordinates with --sampler (`progress` wraps its loop; the ODE solver has none)."""
     device = next(model.parameters()).device
-    sampler = args.sampler or ("ald" if model.method == "ncsn" else "pc")
+    sampler = args.sampler if args.sampler != "auto" else ("ald" if model.method == "ncsn" else "pc")
     eps = SAMPLE_EPS["ve" if model.method == "ncsn" else sde_name]
     if sampler == "ald":
         x = torch.rand(n, *shape, device=device) if len(shape) == 3 else \
@@ -669,7 +669,8 @@ def to_data(x: torch.Tensor, kind: str, center: bool) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: ScoreModel, x: torch.Tensor, data: common.Data, args: Args, center: bool) -> dict:
     """Test NLL by the probability-flow ODE: nats (and KL) for toys, bits/dim of the 8-bit data for images."""
-    divergence = args.divergence or ("exact" if data.num_dims <= EXACT_TRACE_MAX_DIMS else "rademacher")
+    divergence = args.divergence if args.divergence != "auto" else \
+        ("exact" if data.num_dims <= EXACT_TRACE_MAX_DIMS else "rademacher")
     start, total, nfe, solves = time.time(), 0.0, 0, 0
     what = f"test NLL by the probability-flow ODE ({divergence} divergence), {len(x):,} " + \
         ("points" if data.kind == "toy" else "images")
@@ -728,7 +729,8 @@ def evaluate_and_draw(run: common.Run, model: ScoreModel, data: common.Data, arg
     with common.eval_mode(model, seed=args.seed):
         metrics = evaluate(model, x, data, args, center)
         draw_pictures(model, data, run, args, step, center)
-    divergence = args.divergence or ("exact" if data.num_dims <= EXACT_TRACE_MAX_DIMS else "rademacher")
+    divergence = args.divergence if args.divergence != "auto" else \
+        ("exact" if data.num_dims <= EXACT_TRACE_MAX_DIMS else "rademacher")
     what = "VE SDE of the NCSN ladder" if model.method == "ncsn" else f"{args.sde} SDE"
     run.log("test", step, metrics, note=f"probability-flow ODE, {what}, {divergence} divergence, dopri5 "
                                         f"rtol={args.rtol:g} atol={args.atol:g}, n={len(x)}")

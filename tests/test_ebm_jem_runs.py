@@ -21,7 +21,7 @@ def run(*flags, timeout=300):
 def test_help_lists_every_option_with_its_default():
     result = run("--help")
     assert result.returncode == 0, result.stderr
-    for text in ("--sgld-step", "(default: 2.0)", "--reinit", "(default: 0.05)", "--buffer-size", "--max-energy",
+    for text in ("--sgld-step", "(default: 50.0)", "--reinit", "(default: 0.05)", "--buffer-size", "--max-energy",
                  "--compose", "--spectral-norm", "--model {jem,ebm}"):
         assert text in result.stdout, text
 

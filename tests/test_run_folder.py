@@ -418,3 +418,19 @@ def test_quick_needs_no_second_dataset_and_no_cifar10():
         "two_moons"
     assert common.parse_args(ebm_jem.Args, ["--quick"], {"quick": ebm_jem.QUICK}).ood == ("noise",)
     assert common.parse_args(ebm_jem.Args, [], {"quick": ebm_jem.QUICK}).ood == ("noise", "fashion_mnist")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in ROOT.glob("*.py") if p.name != "common.py"))
+def test_every_default_is_a_valid_value_of_its_flag(name):
+    """A Literal flag's default is one of its choices (argparse would refuse it typed on the command line), and
+    every preset sets only fields that exist."""
+    module = importlib.import_module(name)
+    hints = typing.get_type_hints(module.Args)
+    for field in dataclasses.fields(module.Args):
+        hint = hints[field.name]
+        if typing.get_origin(hint) is typing.Literal:
+            assert field.default in typing.get_args(hint), f"{name}.Args.{field.name} = {field.default!r}"
+    names = {f.name for f in dataclasses.fields(module.Args)}
+    for preset in [v for k, v in vars(module).items() if k.isupper() and isinstance(v, dict) and k in
+                   ("QUICK", "PAPER_MNIST", "PAPER_CIFAR10")]:
+        assert set(preset) <= names, set(preset) - names
