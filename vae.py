@@ -205,6 +205,7 @@ class VAE(nn.Module):
         self.shape, self.kind, self.latent = tuple(shape), kind, latent
         self.log_px_given_z, self.params_per_dim = LIKELIHOODS[kind]
         num_dims, p = math.prod(shape), self.params_per_dim
+        self.flat_input = arch == "mlp"  # the MLP encoder reads x flattened to (B, D), the conv one (B, C, H, W)
         if arch == "mlp":
             self.encoder = mlp([num_dims, hidden, 2 * latent])
             self.decoder = mlp([latent, hidden, p * num_dims])
@@ -217,7 +218,7 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, *shape) -> mu, logvar, each (B, latent)."""
-        h = self.encoder(x.flatten(1) if isinstance(self.encoder, nn.Sequential) else x)
+        h = self.encoder(x.flatten(1) if self.flat_input else x)
         mu, logvar = h.chunk(2, dim=-1)
         if self.max_logvar is not None:  # delta-VAE: log sigma^2 in (-inf, max_logvar]
             logvar = self.max_logvar - F.softplus(logvar)
