@@ -25,6 +25,9 @@ Deviations from the paper:
   ignores); the toy MLP, the MNIST-sized U-Net (64 channels, multipliers (1, 2, 2)), the cosine schedule and
   DDIM are not in the paper. At t = 1 the decoder variance is beta_1 (sigma_t^2 = beta_t) or beta~_2
   (sigma_t^2 = beta~_t, whose first value is 0), as in the authors' code for the latter.
+- Image sampling clips the predicted x_0 to [-1, 1] at every step (`--clip-denoised`, the default), as the authors'
+  code does (clip_denoised); Algorithm 2 as printed does not (`--no-clip-denoised`). An undertrained model
+  otherwise drifts to saturated images.
 
 Expected result: the paper reports NLL <= 3.75 bits/dim and FID 3.17 on CIFAR-10 (800k steps of batch 128 on a
 TPU v3-8). On 8gaussians the 5th command's bound is 2.863 nats against H(data) = 2.832 after 6000 steps (under
@@ -66,6 +69,7 @@ class Args:
     sampler: Literal["ancestral", "ddim"] = "ancestral"  # pictures: Algorithm 2, or DDIM (Song et al. 2021)
     sample_steps: int = 0  # DDIM steps (0: T); >= 0
     eta: float = 0.0  # DDIM eta: 0 deterministic, 1 ancestral with the posterior variance; in [0, 1]
+    clip_denoised: bool = True  # images: clip the predicted x_0 to [-1, 1] when sampling (the authors' code)
     eval_t: int = 0  # timesteps per test example in the final bound (0: all T, exact; fewer: stratified); >= 0
     eval_n: int = 0  # test examples in the final evaluation (0: all; during training on a CPU at most 1000); >= 0
     eval_every: int = 0  # steps between evaluations and sample grids (0: ten per run); >= 0
@@ -434,9 +438,11 @@ def nll_bound(model: Diffusion, x0: torch.Tensor, num_t: int = 0, rows: int = RO
 # Sampling
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0, progress: Callable = iter):
+def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0, progress: Callable = iter,
+                     clip: bool = False):
     """Ho et al., Algorithm 2. Returns x_0 (n, ...) and `keep` snapshots of x_t from x_T to x_0. `progress`
-    wraps the loop over t (a progress bar, say)."""
+    wraps the loop over t (a progress bar, say). clip: the authors' clip_denoised for images, the mean taken as
+    q's posterior mean around the predicted x_0 clipped to [-1, 1] (the same mean when no clipping bites)."""
     device = model.betas.device
     x = torch.randn(shape, device=device, dtype=model.betas.dtype)  # line 1: x_T ~ N(0, I), in the model's dtype
     frames, keep_at = [], _snapshot_steps(model.T, keep)
@@ -444,7 +450,12 @@ def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0, pr
         if t in keep_at:
             frames.append(x)
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        mean = model.p_mean(x, tt, model.net(x, tt).to(x.dtype))
+        eps = model.net(x, tt).to(x.dtype)
+        if clip:  # x_0 = (x_t - sqrt(1 - alphas_cumprod_t) eps) / sqrt(alphas_cumprod_t) (Eq. 4), clipped; Eq. 7's mean
+            a = model.alphas_cumprod[t]
+            mean = model.q_posterior(((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1), x, tt)[0]
+        else:  # Eq. 11
+            mean = model.p_mean(x, tt, eps)
         # lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) if t > 1, else z = 0
         x = mean + model.sigma2[t].sqrt() * torch.randn_like(x) if t > 1 else mean
     return x, frames + [x] if keep else []
@@ -452,8 +463,9 @@ def sample_ancestral(model: Diffusion, shape: tuple[int, ...], keep: int = 0, pr
 
 @torch.no_grad()
 def sample_ddim(model: Diffusion, shape: tuple[int, ...], steps: int = 0, eta: float = 0.0, keep: int = 0,
-                progress: Callable = iter):
-    """Song, Meng & Ermon 2021 (DDIM), Eq. 12 on `steps` evenly spaced timesteps T = tau_S > ... > tau_0 = 0."""
+                progress: Callable = iter, clip: bool = False):
+    """Song, Meng & Ermon 2021 (DDIM), Eq. 12 on `steps` evenly spaced timesteps T = tau_S > ... > tau_0 = 0.
+    clip: the predicted x_0 clipped to [-1, 1] and eps re-derived from it (as guided-diffusion's ddim_sample)."""
     device = model.betas.device
     taus = torch.linspace(model.T, 0, (steps or model.T) + 1).round().long().unique_consecutive().tolist()
     x = torch.randn(shape, device=device, dtype=model.betas.dtype)
@@ -465,6 +477,9 @@ def sample_ddim(model: Diffusion, shape: tuple[int, ...], steps: int = 0, eta: f
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = model.net(x, tt).to(x.dtype)
         x0_pred = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # "predicted x_0"
+        if clip:
+            x0_pred = x0_pred.clamp(-1, 1)
+            eps = (x - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()
         # sigma_tau(eta) = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s), Song et al., Eq. 16
         sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
         x = a_s.sqrt() * x0_pred + (1 - a_s - sigma**2).clamp(min=0).sqrt() * eps  # "direction pointing to x_t"
@@ -483,11 +498,12 @@ def _snapshot_steps(T: int, keep: int, grid: list[int] | None = None) -> set[int
 
 @torch.no_grad()
 def sample(model: Diffusion, n: int, shape: tuple[int, ...], sampler: str = "ancestral", steps: int = 0,
-           eta: float = 0.0, keep: int = 0, progress: Callable = iter):
-    """n samples in the model's coordinates ([-1, 1] for images), and optional snapshots of the reverse process."""
+           eta: float = 0.0, keep: int = 0, progress: Callable = iter, clip: bool = False):
+    """n samples in the model's coordinates ([-1, 1] for images), and optional snapshots of the reverse process;
+    clip: clip the predicted x_0 to [-1, 1] at every step (images)."""
     if sampler == "ddim":
-        return sample_ddim(model, (n, *shape), steps, eta, keep, progress)
-    return sample_ancestral(model, (n, *shape), keep, progress)
+        return sample_ddim(model, (n, *shape), steps, eta, keep, progress, clip)
+    return sample_ancestral(model, (n, *shape), keep, progress, clip)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -563,7 +579,7 @@ def evaluate(model: Diffusion, x0: torch.Tensor, data: common.Data, num_t: int, 
 def draw_pictures(model: Diffusion, data: common.Data, run: common.Run, args: Args) -> None:
     """samples.png (a grid, or a 2D histogram for toys) and reverse.png (x_T to x_0 along the reverse process)."""
     if data.kind == "toy":
-        x, frames = sample(model, 5000, data.shape, args.sampler, args.sample_steps, args.eta, keep=6,
+        x, frames = sample(model, 5000, data.shape, args.sampler, args.sample_steps, args.eta, keep=6,  # no clip
                            progress=common.steps_bar(f"sampling 5,000 points ({args.sampler})"))
         common.save_heatmap(run.path("samples.png"), common.histogram_2d(x))
         common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x))
@@ -571,7 +587,7 @@ def draw_pictures(model: Diffusion, data: common.Data, run: common.Run, args: Ar
         common.save_heatmap(run.path("reverse.png"), torch.cat([m / m.max().clamp(min=1) for m in maps], 1))
         return
     x, frames = sample(model, 64, data.shape, args.sampler, args.sample_steps, args.eta, keep=10,
-                       progress=common.steps_bar(f"sampling 64 images ({args.sampler})"))
+                       progress=common.steps_bar(f"sampling 64 images ({args.sampler})"), clip=args.clip_denoised)
     common.save_grid(run.path("samples.png"), to_data(x, data.kind), nrow=8)
     chains = torch.stack([to_data(f[:8], data.kind) for f in frames], 1)  # (8 chains, 10 frames, C, H, W)
     common.save_grid(run.path("reverse.png"), chains.flatten(0, 1), nrow=len(frames))
@@ -583,7 +599,7 @@ def fid(model: Diffusion, data: common.Data, args: Args) -> float:
     for i in range(0, args.fid_n, 500):
         what = f"FID samples {i + 1:,}-{min(i + 500, args.fid_n):,} of {args.fid_n:,} ({args.sampler})"
         x = sample(model, min(500, args.fid_n - i), data.shape, args.sampler, args.sample_steps, args.eta,
-                   progress=common.steps_bar(what))[0]
+                   progress=common.steps_bar(what), clip=args.clip_denoised)[0]
         fake.append(to_data(x, data.kind))
     fake = torch.cat(fake)
     real = data.train_x[: args.fid_n]
@@ -656,7 +672,7 @@ def train(args: Args) -> dict:
     ema = EMA(model, args.ema_decay)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "ddpm", dist, model, optimizer, ema=ema,
-                     resumable=("sampler", "sample_steps", "eta", "eval_t", "fid", "fid_n", "channels_last", "compile"))
+                     resumable=("sampler", "sample_steps", "eta", "clip_denoised", "eval_t", "fid", "fid_n", "channels_last", "compile"))
     start = run.restore()
     if args.compile:  # in place, so the checkpoint's names stay those of the plain network (torch >= 2.2)
         model.net.compile()

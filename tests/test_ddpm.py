@@ -493,3 +493,42 @@ def test_samplers_pass_their_reverse_steps_to_progress():
         seen = []
         x, _ = ddpm.sample(model, 3, (2,), sampler, steps, progress=lambda s: seen.append(len(s)) or s)
         assert seen == [expected] and x.shape == (3, 2) and torch.isfinite(x).all()
+
+
+class ConstantNoise(torch.nn.Module):
+    """A noise predictor that always says eps = c: its predicted x_0 leaves [-1, 1] for large c."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(c))
+
+    def forward(self, x, t):
+        return torch.full_like(x, self.c.item())
+
+
+def test_posterior_mean_around_the_predicted_x0_is_the_eps_mean():
+    """Ho et al., Eq. 7 at x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) is Eq. 11: clipping changes nothing
+    where it does not bite."""
+    model = ddpm.Diffusion(ConstantNoise(0.0), "8bit", T=50)
+    torch.manual_seed(0)
+    x, eps = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    t = torch.tensor([1, 2, 7, 20, 49, 50])
+    a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    assert torch.allclose(model.q_posterior(x0, x, t)[0], model.p_mean(x, t, eps), atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler, steps", [("ancestral", 0), ("ddim", 10)])
+def test_clip_denoised_keeps_samples_in_the_image_range(sampler, steps):
+    model = ddpm.Diffusion(ConstantNoise(-3.0), "8bit", T=50)
+    torch.manual_seed(0)
+    clipped, _ = ddpm.sample(model, 4, (1, 4, 4), sampler, steps, clip=True)
+    torch.manual_seed(0)
+    plain, _ = ddpm.sample(model, 4, (1, 4, 4), sampler, steps)
+    assert clipped.abs().max() <= 1 + 1e-12 and plain.abs().max() > 2
+
+
+def test_clip_denoised_is_on_by_default_and_can_be_turned_off():
+    assert ddpm.Args().clip_denoised is True
+    result = run_script("ddpm.py", "--help")
+    assert result.returncode == 0 and "--clip-denoised, --no-clip-denoised" in result.stdout
