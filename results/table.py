@@ -258,12 +258,25 @@ def common_figure_parts(source: str) -> list[str]:
     return parts
 
 
+def code_only(source: str) -> str:
+    """The code of `source` without its comments, docstrings and layout (the dump of its syntax tree), so that
+    editing a docstring or a comment keeps a figure fresh."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def code_hash(file: str) -> str:
-    """SHA-256 over the model file and the parts of common.py its figures depend on (`common_figure_parts`):
-    a figure is stale once one of them changes."""
-    digest = hashlib.sha256((ROOT / file).read_bytes())
+    """SHA-256 over the code of the model file and of the parts of common.py its figures depend on
+    (`common_figure_parts`), comments and docstrings aside: a figure is stale once that code changes."""
+    digest = hashlib.sha256(code_only((ROOT / file).read_text()).encode())
     for part in common_figure_parts((ROOT / "common.py").read_text()):
-        digest.update(part.encode())
+        digest.update(code_only(part).encode())
     return digest.hexdigest()[:16]
 
 

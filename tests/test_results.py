@@ -172,8 +172,8 @@ def test_run_clock_sums_the_invocations_of_a_resumed_run(tmp_path):
 
 
 def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_common(tmp_path, monkeypatch):
-    """Plumbing edits (run folders, logging) keep a figure fresh; edits to the model file, the data, the units
-    or the optimizer make it stale."""
+    """Plumbing edits (run folders, logging) and comments or docstrings keep a figure fresh; edits to the model
+    file's code, the data, the units or the optimizer make it stale."""
     monkeypatch.setattr(table, "ROOT", tmp_path)
     source = (ROOT / "common.py").read_text()
     (tmp_path / "vae.py").write_text((ROOT / "vae.py").read_text())
@@ -193,4 +193,11 @@ def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_co
                      ("fused=True", "fused=False")]:  # the optimizer
         assert old in source, old
         assert hash_with(source.replace(old, new, 1)) != base, old
-    assert hash_with(source, "\n# an edit\n") != base
+    assert hash_with(source, "\n# an edit\n") == base  # comments and docstrings are not code
+    doc = '"""Negative log-likelihood per example in nats -> bits per dimension.'
+    assert doc in source and hash_with(source.replace(doc, doc + " Edited.", 1)) == base  # a docstring in units
+    vae_doc = (ROOT / "vae.py").read_text()
+    (tmp_path / "common.py").write_text(source)
+    (tmp_path / "vae.py").write_text(vae_doc.replace("Expected result", "Expected results", 1))
+    assert "Expected result" in vae_doc and table.code_hash("vae.py") == base
+    assert hash_with(source, "\nEXTRA = 1\n") != base
