@@ -161,8 +161,8 @@ def _check_bounds(parser: argparse.ArgumentParser, args, docs: dict[str, str]) -
 def parse_args(cls: type, argv: list[str] | None = None, presets: dict[str, dict] | None = None):
     """Parse the command line into an instance of the dataclass `cls`, checking each field's declared range.
 
-    `presets` maps a boolean field (e.g. "quick") to overrides applied when that flag is set; values given
-    explicitly on the command line win over the preset.
+    `presets` maps a boolean field (e.g. "quick") to overrides applied when that flag is set, a dict or a
+    function of the values given explicitly (see `toy_or_image`); values given explicitly win over the preset.
     """
     module_doc = sys.modules[cls.__module__].__doc__ or ""
     parser = argparse.ArgumentParser(
@@ -177,11 +177,16 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict[str, dict
     values = {}
     for flag, overrides in (presets or {}).items():
         if given.get(flag, getattr(cls, flag, False)):
-            values.update(overrides)
+            values.update(overrides(given) if callable(overrides) else overrides)
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
     args = cls(**values)
     _check_bounds(parser, args, docs)
     return args
+
+
+def toy_or_image(image: dict, toy: dict, default_dataset: str):
+    """A preset for `parse_args` that depends on the dataset: `toy` on a 2D toy, `image` otherwise."""
+    return lambda given: toy if given.get("dataset", image.get("dataset", default_dataset)) in TOY_DATASETS else image
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1352,9 +1357,10 @@ def _fmt(value) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
-def cli(train, args_cls: type, presets: dict[str, dict] | None = None, argv: list[str] | None = None) -> None:
+def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | None = None, recipe: str = "") -> None:
     """Parse arguments, train, and turn the expected failures into one clear line and an exit code:
-    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM."""
+    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM. `recipe`: the command
+    that gives recognizable samples on a CPU, printed last after a --quick run on images (a smoke test)."""
     args = parse_args(args_cls, argv, presets)
     _Stop.run = None
     try:
@@ -1362,6 +1368,9 @@ def cli(train, args_cls: type, presets: dict[str, dict] | None = None, argv: lis
             train(args)
         if _Stop.run is not None and Dist(int(os.environ.get("RANK", 0))).is_main:
             print(f"run folder: {_Stop.run.dir}", file=sys.stderr)
+            if recipe and getattr(args, "quick", False) and getattr(args, "dataset", "") not in TOY_DATASETS:
+                print(f"--quick on images is a smoke test, too short to learn; recognizable samples in 30 minutes "
+                      f"on a CPU: {recipe}", file=sys.stderr)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -131,8 +131,11 @@ ROWS: tuple[Row, ...] = (
         "--dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 --steps 40 --eval-n 200",
         "ODE (dopri5, tol 1e-3), Hutchinson, first 200 test images", "40 steps of 32",
         "0.99 (Grathwohl et al. 2019, Table 2)", seeds=(0, 1)),
-    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (the --quick preset)", "ddpm.py", "--dataset mnist --quick",
-        "variational bound, 50 stratified t per image, first 500 test images", "1000 steps of 64", seeds=(0,)),
+    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (32 channels, (1, 2), no attention; ddpm.RECIPE)", "ddpm.py",
+        "--dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
+        "--batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 --eval-t 50 "
+        "--sampler ddim --sample-steps 50", "variational bound, 50 stratified t per image, first 1000 test images",
+        "3000 steps of 32 (1.6 epochs)", "3.75 on CIFAR-10 (Ho et al. 2020, Table 2, L_simple)", seeds=(0,)),
     Row("ncsn_sde-mnist", "mnist", "score SDE (VP), small U-Net", "ncsn_sde.py",
         "--dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
         "--batch-size 64 --lr 1e-3 --warmup 100 --steps 76 --eval-every 100000 --eval-n 20 --sample-steps 20 "
@@ -208,6 +211,20 @@ def run_clock(run_dir: Path) -> float:
     return sum(ends) + (times[-1] if times else 0.0)
 
 
+def test_curve(run_dir: Path, key: str) -> list[list[float]]:
+    """[seconds since the start, step, figure] of every test line of run_dir/metrics.jsonl that holds `key`, the
+    evaluations during training and the final one, on the clock of `run_clock` (summed over resumptions)."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve, offset, last = [], 0.0, 0.0
+    for line in lines:
+        if line["time"] < last:  # a --resume restarted the clock
+            offset += last
+        last = line["time"]
+        if line.get("split") == "test" and key in line:
+            curve.append([round(offset + line["time"], 1), line.get("step", 0), line[key]])
+    return curve
+
+
 def module_of(file: str):
     """Import a model file by name (for its Args and presets), from the repository root."""
     return importlib.import_module(Path(file).stem)
@@ -217,8 +234,9 @@ def expected_config(row: Row, seed: int) -> dict:
     """The config.json a run of `row` with `seed` writes: the file's Args parsed from the row's flags, with
     the presets the file defines (a boolean field `quick` and a dict `QUICK`, ...)."""
     module = module_of(row.file)
-    presets = {f.name: getattr(module, f.name.upper()) for f in dataclasses.fields(module.Args)
-               if f.type in (bool, "bool") and isinstance(getattr(module, f.name.upper(), None), dict)}
+    presets = getattr(module, "PRESETS", None) or {
+        f.name: getattr(module, f.name.upper()) for f in dataclasses.fields(module.Args)
+        if f.type in (bool, "bool") and isinstance(getattr(module, f.name.upper(), None), dict)}
     args = common.parse_args(module.Args, [*shlex.split(row.flags), "--seed", str(seed)], presets)
     return json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists, like config.json
 
@@ -305,6 +323,7 @@ def make_record(row: Row, seed: int, run_dir: Path, wall_s: float, max_load: flo
     observed (treated as a shared CPU); `threads` is the run's OMP_NUM_THREADS."""
     line = final_test_line(ROOT / run_dir, row.key)
     extra = {k: v for k, v in line.items() if k not in ("split", "step", "time", row.key)}
+    extra["curve"] = test_curve(ROOT / run_dir, row.key)
     return {"row": row.id, "seed": seed, "figure": line[row.key], "extra": extra, "command": row.command(seed),
             "wall_s": round(wall_s, 1), "wall_source": wall_source,
             "max_load": None if max_load is None else round(max_load, 2),

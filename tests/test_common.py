@@ -49,6 +49,32 @@ def test_parse_args_types_defaults_and_presets():
         common.parse_args(ToyArgs, ["--mode", "c"])
 
 
+def test_toy_or_image_preset_follows_the_dataset():
+    """--quick takes the toy preset on a 2D toy and the image preset otherwise (the default dataset included)."""
+    presets = {"quick": common.toy_or_image({"dataset": "mnist", "width": 4}, {"width": 8}, ToyArgs.dataset)}
+    image = common.parse_args(ToyArgs, ["--quick"], presets)
+    assert (image.dataset, image.width) == ("mnist", 4)
+    toy = common.parse_args(ToyArgs, ["--quick", "--dataset", "two_moons"], presets)
+    assert (toy.dataset, toy.width) == ("two_moons", 8)
+    assert common.parse_args(ToyArgs, ["--dataset", "two_moons"], presets).width == 64  # no --quick, no preset
+    on_toy_default = {"quick": common.toy_or_image({"width": 4}, {"width": 8}, ToyArgs.dataset)}
+    assert common.parse_args(ToyArgs, ["--quick"], on_toy_default).width == 8  # ToyArgs' default is a toy
+
+
+@pytest.mark.parametrize("argv, printed", [(["--quick", "--dataset", "mnist"], True), (["--quick"], False),
+                                           (["--dataset", "mnist"], False)])
+def test_quick_on_images_ends_with_the_recipe(tmp_path, capsys, argv, printed):
+    def train(args):
+        dist, _ = common.setup(args)
+        model = torch.nn.Linear(1, 1)
+        common.Run(args, "toymodel", dist, model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    common.cli(train, ToyArgs, argv=[*argv, "--out", str(tmp_path / "run")], recipe="python x.py --long")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("smoke test" in last and last.endswith("python x.py --long")) == printed
+    assert last.startswith("run folder:") != printed
+
+
 def test_help_shows_field_comment_and_default(capsys):
     with pytest.raises(SystemExit):
         common.parse_args(ToyArgs, ["--help"])

@@ -73,8 +73,15 @@ def test_check_config_accepts_the_rows_command_and_names_a_changed_field(tmp_pat
 
 
 def test_quick_preset_is_applied_when_a_row_uses_it():
-    config = table.expected_config(table.BY_ID["ddpm-mnist"], seed=0)
-    assert config["quick"] and config["steps"] == 1000 and config["channels"] == 32
+    """A row's expected config applies the file's presets as its command line does: ddpm's --quick is the image
+    smoke test on mnist and the toy preset on a 2D toy."""
+    image = table.Row("q", "mnist", "m", "ddpm.py", "--quick", "e", "b")
+    toy = table.Row("q", "toys", "m", "ddpm.py", "--quick --dataset 8gaussians", "e", "b")
+    config = table.expected_config(image, seed=0)
+    assert config["quick"] and config["dataset"] == "mnist" and config["steps"] == 1000 and config["channels"] == 32
+    config = table.expected_config(toy, seed=0)
+    assert config["quick"] and config["dataset"] == "8gaussians" and config["steps"] == 3000
+    assert config["batch_size"] == 256
 
 
 def fake_record(row: table.Row, seed: int, figure: float, **extra) -> dict:
