@@ -1357,11 +1357,12 @@ def _fmt(value) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
-def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | None = None, recipe: str = "") -> None:
+def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | None = None) -> None:
     """Parse arguments, train, and turn the expected failures into one clear line and an exit code:
-    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM. `recipe`: the command
-    that gives recognizable samples on a CPU, printed last after a --quick run on images (a smoke test)."""
+    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM. After a --quick run on
+    images (a smoke test) the last line is the docstring's command marked "# CPU recipe"."""
     args = parse_args(args_cls, argv, presets)
+    recipe = re.findall(r"^\s*(python .+?)\s+# CPU recipe", sys.modules[args_cls.__module__].__doc__ or "", re.M)
     _Stop.run = None
     try:
         with stop_on_signals():
@@ -1370,7 +1371,7 @@ def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | No
             print(f"run folder: {_Stop.run.dir}", file=sys.stderr)
             if recipe and getattr(args, "quick", False) and getattr(args, "dataset", "") not in TOY_DATASETS:
                 print(f"--quick on images is a smoke test, too short to learn; recognizable samples in 30 minutes "
-                      f"on a CPU: {recipe}", file=sys.stderr)
+                      f"on a CPU: {recipe[0]}", file=sys.stderr)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

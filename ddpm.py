@@ -5,7 +5,8 @@ steps; a network eps_theta(x_t, t) learns to predict the noise, which gives the 
 Trained with L_simple (Eq. 14), sampled with Algorithm 2 or DDIM, evaluated by the variational bound (Table 2).
 
     python ddpm.py --quick --dataset 8gaussians       # under a minute on a CPU: the MLP on a 2D toy
-    python ddpm.py --quick --dataset mnist            # minutes on a CPU: a small U-Net, 1000 steps
+    python ddpm.py --quick --dataset mnist            # a 2-minute smoke test on a CPU: a small U-Net, 1000 steps
+    python ddpm.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 --eval-t 50 --sampler ddim --sample-steps 50   # CPU recipe: 30 minutes on 2 cores
     python ddpm.py --dataset cifar10                  # the paper's 35.7M-parameter U-Net, 800k steps (GPU)
     python ddpm.py --dataset cifar10 --amp --compile  # the same in bf16, compiled (channels-last is on for cuda)
     python -m results.bench --gpu-ddpm --device cuda  # that training step and sampling in images/s, against lucidrains'
@@ -87,16 +88,13 @@ class Args:
     out: str = ""  # run folder (default: runs/ddpm-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # images: a 2-minute smoke test (mnist, a small U-Net, 1000 steps; prints the 30-minute RECIPE); a 2D toy: its modes in 30 s
+    quick: bool = False  # images: a 2-minute smoke test (mnist, a small U-Net, 1000 steps; ends with the CPU recipe); a 2D toy: its modes in 30 s
 
 
 QUICK = dict(dataset="mnist", steps=1000, batch_size=64, channels=32, channel_mult=(1, 2), num_res_blocks=1, warmup=100, eval_n=500,
              eval_t=50, eval_every=1000, sampler="ddim", sample_steps=50, log_every=100, ckpt_every=1000)
 QUICK_TOY = dict(steps=3000, batch_size=256, lr=1e-3, warmup=100, ema_decay=0.999, eval_t=100, eval_n=5000, eval_every=3000,
                  sampler="ddim", sample_steps=100, log_every=500, ckpt_every=3000)
-RECIPE = ("python ddpm.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
-          "--batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 --eval-t 50 "
-          "--sampler ddim --sample-steps 50")  # 30 minutes on 2 CPU cores: digits (README, row ddpm-mnist)
 PRESETS = {"quick": common.toy_or_image(QUICK, QUICK_TOY, Args.dataset)}  # --quick: QUICK_TOY on a 2D toy
 PERIODIC_EVAL_T = 20  # stratified timesteps per example in the evaluations during training
 PERIODIC_EVAL_N_CPU = 1000  # test examples in the evaluations during training on a CPU (the final one: --eval-n)
@@ -713,4 +711,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(train, Args, PRESETS, recipe=RECIPE)
+    common.cli(train, Args, PRESETS)

@@ -131,7 +131,7 @@ ROWS: tuple[Row, ...] = (
         "--dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 --steps 40 --eval-n 200",
         "ODE (dopri5, tol 1e-3), Hutchinson, first 200 test images", "40 steps of 32",
         "0.99 (Grathwohl et al. 2019, Table 2)", seeds=(0, 1)),
-    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (32 channels, (1, 2), no attention; ddpm.RECIPE)", "ddpm.py",
+    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (32 channels, (1, 2), no attention: the CPU recipe)", "ddpm.py",
         "--dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
         "--batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 --eval-t 50 "
         "--sampler ddim --sample-steps 50", "variational bound, 50 stratified t per image, first 1000 test images",

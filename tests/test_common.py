@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,13 +64,16 @@ def test_toy_or_image_preset_follows_the_dataset():
 
 @pytest.mark.parametrize("argv, printed", [(["--quick", "--dataset", "mnist"], True), (["--quick"], False),
                                            (["--dataset", "mnist"], False)])
-def test_quick_on_images_ends_with_the_recipe(tmp_path, capsys, argv, printed):
+def test_quick_on_images_ends_with_the_recipe(tmp_path, capsys, monkeypatch, argv, printed):
+    """The recipe is the command of the module docstring marked "# CPU recipe"."""
+    monkeypatch.setattr(sys.modules[__name__], "__doc__", "Title.\n\n    python x.py --quick  # a smoke test\n"
+                        "    python x.py --long   # CPU recipe: 30 minutes\n")
     def train(args):
         dist, _ = common.setup(args)
         model = torch.nn.Linear(1, 1)
         common.Run(args, "toymodel", dist, model, torch.optim.SGD(model.parameters(), lr=0.1))
 
-    common.cli(train, ToyArgs, argv=[*argv, "--out", str(tmp_path / "run")], recipe="python x.py --long")
+    common.cli(train, ToyArgs, argv=[*argv, "--out", str(tmp_path / "run")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert ("smoke test" in last and last.endswith("python x.py --long")) == printed
     assert last.startswith("run folder:") != printed

@@ -264,10 +264,14 @@ def run_ffjord(*flags, timeout=300):
     return run_script("ffjord.py", *flags, timeout=timeout)
 
 
+# --quick on a toy, at the image preset's small sizes (the toy preset trains 1200 steps of a 64-64-64 network)
+SMALL = ("--quick", "--steps", "150", "--hidden", "32", "32", "--lr", "5e-3", "--log-every", "50", "--ckpt-every", "150")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ffjord") / "run"
-    result = run_ffjord("--quick", "--out", str(out))
+    result = run_ffjord(*SMALL, "--out", str(out))
     return out, result
 
 
@@ -281,9 +285,9 @@ def test_quick_writes_samples_metrics_checkpoint_and_resumes(quick_run):
     train_lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:-1]
     assert all(r["nfe_forward"] > 0 and r["nfe_backward"] == 0 for r in train_lines)
     assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 150
-    refused = run_ffjord("--quick", "--out", str(out))
+    refused = run_ffjord(*SMALL, "--out", str(out))
     assert refused.returncode == 2 and "already holds a run" in refused.stderr
-    resumed = run_ffjord("--quick", "--steps", "160", "--eval-n", "200", "--out", str(out), "--resume")
+    resumed = run_ffjord(*SMALL, "--steps", "160", "--eval-n", "200", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and common.load_checkpoint(out / "checkpoint.pt")["step"] == 160
 
@@ -358,7 +362,7 @@ def test_resume_is_exact(tmp_path):
 ])
 def test_options_run_end_to_end(tmp_path, flags):
     out = tmp_path / "run"
-    result = run_ffjord("--quick", "--steps", "20", "--eval-n", "200", "--log-every", "10", "--out", str(out),
+    result = run_ffjord(*SMALL, "--steps", "20", "--eval-n", "200", "--log-every", "10", "--out", str(out),
                         *flags)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("eval test nll_nats=")

@@ -1,6 +1,7 @@
 """The likelihood tables: every model file has a row, every row's command parses, and the script reads, checks,
 records and renders runs correctly (on fake run folders, and one real tiny run)."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,15 @@ def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_co
     (tmp_path / "vae.py").write_text(vae_doc.replace("Expected result", "Expected results", 1))
     assert "Expected result" in vae_doc and table.code_hash("vae.py") == base
     assert hash_with(source, "\nEXTRA = 1\n") != base
+
+
+def test_every_cpu_recipe_is_a_table_row():
+    """A model file's "# CPU recipe" command (what --quick prints on images) is measured in the table, flag for
+    flag, so the README's figure for it comes from exactly that command."""
+    commands = {f"python {row.file} {row.flags}" for row in table.ROWS}
+    recipes = []
+    for path in sorted(ROOT.glob("*.py")):
+        recipes += re.findall(r"^\s*(python .+?)\s+# CPU recipe", path.read_text(), re.M)
+    assert recipes, "no model file declares a CPU recipe"
+    missing = [r for r in recipes if " ".join(r.split()) not in commands]
+    assert not missing, missing

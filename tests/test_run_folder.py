@@ -413,11 +413,26 @@ def test_quick_needs_no_second_dataset_and_no_cifar10():
     import ddpm
     import ebm_jem
 
-    assert common.parse_args(ddpm.Args, ["--quick"], {"quick": ddpm.QUICK}).dataset == "mnist"
-    assert common.parse_args(ddpm.Args, ["--quick", "--dataset", "two_moons"], {"quick": ddpm.QUICK}).dataset == \
+    assert common.parse_args(ddpm.Args, ["--quick"], ddpm.PRESETS).dataset == "mnist"
+    assert common.parse_args(ddpm.Args, ["--quick", "--dataset", "two_moons"], ddpm.PRESETS).dataset == \
         "two_moons"
     assert common.parse_args(ebm_jem.Args, ["--quick"], {"quick": ebm_jem.QUICK}).ood == ("noise",)
     assert common.parse_args(ebm_jem.Args, [], {"quick": ebm_jem.QUICK}).ood == ("noise", "fashion_mnist")
+
+
+def test_quick_on_a_toy_takes_the_toy_preset_and_on_images_the_smoke_test():
+    """--quick on a 2D toy trains long enough to show the modes; on images (or other tasks) it stays short."""
+    import ddpm
+    import ffjord
+    import flows
+    import ncsn_sde
+
+    for module, toy_steps, image_flags, image_steps in [
+            (ddpm, 3000, ["--dataset", "mnist"], 1000), (ffjord, 1200, ["--dataset", "mnist"], 150),
+            (ncsn_sde, 3000, ["--dataset", "mnist"], 300), (flows, 3000, ["--task", "images"], 200)]:
+        assert common.parse_args(module.Args, ["--quick", "--dataset", "two_moons"], module.PRESETS).steps == toy_steps
+        assert common.parse_args(module.Args, ["--quick", *image_flags], module.PRESETS).steps == image_steps
+        assert common.parse_args(module.Args, ["--quick", *image_flags, "--steps", "7"], module.PRESETS).steps == 7
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in ROOT.glob("*.py") if p.name != "common.py"))
@@ -432,5 +447,5 @@ def test_every_default_is_a_valid_value_of_its_flag(name):
             assert field.default in typing.get_args(hint), f"{name}.Args.{field.name} = {field.default!r}"
     names = {f.name for f in dataclasses.fields(module.Args)}
     for preset in [v for k, v in vars(module).items() if k.isupper() and isinstance(v, dict) and k in
-                   ("QUICK", "PAPER_MNIST", "PAPER_CIFAR10")]:
+                   ("QUICK", "QUICK_TOY", "PAPER_MNIST", "PAPER_CIFAR10")]:
         assert set(preset) <= names, set(preset) - names
