@@ -404,3 +404,33 @@ def test_trained_2d_density_integrates_to_one(kind):
     torch.set_default_dtype(torch.float64)
     # midpoint rule on [-8, 8]^2 at step 0.04
     assert abs(flows.grid_mass(flow, lim=8.0, n=400) - 1) < 5e-3
+
+
+# ------------------------------------------------------------------------------------------ objectives
+def test_each_task_loss_is_its_negative_log_likelihood_or_free_energy():
+    """density_loss is -mean log p(x); image_loss is bits/dim of the 8-bit data under the density of the
+    dequantized images (the same draw of u); energy_loss at beta = 1 is its free energy, and beta weighs U."""
+    torch.manual_seed(0)
+    toy = flows.toy_flow("realnvp", 2, 4, 16).double()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    loss, metrics = flows.density_loss(toy, x)
+    assert torch.allclose(loss, -toy.log_prob(x).mean()) and metrics["loss"] is loss
+
+    images = flows.image_flow("glow", (1, 4, 4), levels=2, depth=1, width=4).double()
+    x8 = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.float64) / 255
+    torch.manual_seed(1)
+    loss, _ = flows.image_loss(images, x8)
+    torch.manual_seed(1)
+    expected = -images.log_prob(common.uniform_dequantize(x8)).mean() / 16 / math.log(2) + 8  # + log2(256) bits
+    assert torch.allclose(loss, expected)
+
+    planar = flows.energy_flow("planar", 4).double()
+    torch.manual_seed(2)
+    loss, metrics = flows.energy_loss(planar, "u1", 256, beta=1.0)
+    assert torch.allclose(loss, metrics["free_energy"])
+    torch.manual_seed(2)
+    half, metrics_half = flows.energy_loss(planar, "u1", 256, beta=0.5)
+    torch.manual_seed(2)
+    z, log_q = planar.sample_with_log_prob(256)
+    assert torch.allclose(half, (log_q + 0.5 * flows.energy("u1", z)).mean())
+    assert torch.allclose(metrics_half["free_energy"], metrics["free_energy"])

@@ -26,7 +26,8 @@ def test_help_lists_every_option_with_its_default():
 
 def test_quick_density_writes_pictures_metrics_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
-    result = run_flows("--quick", "--steps", "60", "--out", str(out))
+    small = ("--quick", "--hidden", "32", "--flow-length", "4", "--eval-n", "1000")  # the toy preset's flow is larger
+    result = run_flows(*small, "--steps", "60", "--out", str(out))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("eval test nll_nats=") and "kl_data_model=" in last and last.endswith("test points)")
@@ -36,9 +37,9 @@ def test_quick_density_writes_pictures_metrics_checkpoint_and_resumes(tmp_path):
     assert abs(record["mass"] - 1) < 0.02  # the density integrates to about 1 over [-6, 6]^2
     assert abs(record["kl_data_model"] - (record["nll_nats"] - common.TOY_ENTROPY["8gaussians"])) < 1e-9
     assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 60
-    refused = run_flows("--quick", "--steps", "60", "--out", str(out))
+    refused = run_flows(*small, "--steps", "60", "--out", str(out))
     assert refused.returncode == 2 and "already holds a run" in refused.stderr
-    resumed = run_flows("--quick", "--steps", "80", "--out", str(out), "--resume")
+    resumed = run_flows(*small, "--steps", "80", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and common.load_checkpoint(out / "checkpoint.pt")["step"] == 80
 
