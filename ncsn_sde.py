@@ -13,6 +13,7 @@ samples by reversing it (predictor-corrector) or by its probability-flow ODE, an
     python ncsn_sde.py --method ncsn --dataset 8gaussians --sampler ald   # NCSN, annealed Langevin dynamics
     python ncsn_sde.py --sde ve --objective ssm --dataset two_moons      # sliced score matching, VE SDE
     python ncsn_sde.py --quick --dataset mnist                          # a smoke test of minutes on a CPU: a small U-Net
+    python ncsn_sde.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1500 --eval-n 100 --sample-steps 200 --rtol 1e-3 --atol 1e-3   # CPU recipe: 30 minutes on 2 cores
     python ncsn_sde.py --dataset cifar10 --sde vp --sampler ode         # the paper's setting needs GPUs
     torchrun --nproc_per_node=4 ncsn_sde.py --dataset cifar10 --batch-size 32
 
