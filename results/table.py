@@ -12,7 +12,8 @@ estimator, budget, the paper's figure), runs them, records what each run printed
                                                           # made with the code as it is now
     python -m results.table render                        # rewrite README.md's tables from results/measured.jsonl
     python -m results.table render --check                # fail if a row lacks a figure or its code changed since
-    python -m results.table figure                        # results/samples.png: every row's samples in one figure
+    python -m results.table figure                        # results/samples.png: every row's samples in one figure,
+                                                          # results/curves.png: test NLL against training minutes
 
 A run of row R with seed S is `python FILE FLAGS --seed S --out runs/results/R-sS`. Its figure is the headline
 key of the last "test" line of its metrics.jsonl; it is appended to results/measured.jsonl with the wall time,
@@ -61,6 +62,7 @@ class Row:
     paper: str = "–"  # the paper's figure in the same convention, with where it is from
     seeds: tuple[int, ...] = (0, 1)  # seeds to run (at least two where the budget allows)
     data: str = ""  # toys: the data set (also in the flags)
+    picture: str = "samples.png"  # the run's picture in results/samples.png (VQ-VAE stage one: its reconstructions)
 
     @property
     def key(self) -> str:
@@ -148,7 +150,7 @@ ROWS: tuple[Row, ...] = (
     Row("vqvae-mnist", "mnist", "VQ-VAE, K = 128, uniform prior (stage one)", "vqvae.py",
         "--dataset mnist --ema --restart 1 --hidden 64 --codebook-size 128 --code-dim 32 --batch-size 64 --lr 1e-3 "
         "--steps 8000", "bound: decoder NLL + log K per code, all 10,000 test images", "8000 steps of 64 (8.5 epochs)",
-        seeds=(0,)),
+        seeds=(0,), picture="recon.png"),
     Row("vqvae-prior-mnist", "mnist", "VQ-VAE + gated PixelCNN prior (stage two on vqvae-mnist seed 0)", "vqvae.py",
         "--stage prior --vqvae runs/results/vqvae-mnist-s0 --prior-hidden 64 --prior-layers 8 --batch-size 64 "
         "--lr 1e-3 --steps 4000", "bound: decoder NLL + prior NLL of the codes, all 10,000 test images",
@@ -498,23 +500,45 @@ def splice(document: str, block: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The samples figure
 # ----------------------------------------------------------------------------------------------------------
+SAMPLES = ROOT / "results" / "samples"  # each row's picture, kept with the figures (run folders are not committed)
+
+
+def current_records(records: dict) -> list[tuple[Row, dict]]:
+    """The record of the first recorded seed of every row whose code has not changed since it ran."""
+    out = []
+    for row in ROWS:
+        found = [records[(row.id, s)] for s in row.seeds if (row.id, s) in records]
+        if found and found[0]["code"] == code_hash(row.file):
+            out.append((row, found[0]))
+    return out
+
+
+def save_png(image, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, out)
+
+
 def samples_figure(records: dict, out: Path, tile: int = 196, columns: int = 6) -> int:
-    """Tile the samples.png of the first recorded seed of every row, captioned, into one PNG."""
+    """Tile the picture of every row with a current record, captioned, into one PNG. A row's picture is copied
+    from its run folder into results/samples/ROW.png when the folder is here, and read from there."""
     from PIL import Image, ImageDraw
 
     tiles = []
-    for row in ROWS:
-        found = [records[(row.id, s)] for s in row.seeds if (row.id, s) in records]
-        path = ROOT / found[0]["run_dir"] / "samples.png" if found else None
-        if path is None or not path.exists():
+    for row, record in current_records(records):
+        kept, fresh = SAMPLES / f"{row.id}.png", ROOT / record["run_dir"] / row.picture
+        if fresh.exists():
+            save_png(Image.open(fresh).convert("RGB"), kept)
+        if not kept.exists():
             continue
-        image = Image.open(path).convert("RGB")
+        image = Image.open(kept).convert("RGB")
         scale = tile / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.NEAREST)
         tiles.append((row.id, image))
     if not tiles:
-        raise ResultError("no run folder with a samples.png: run some rows first")
+        raise ResultError("no current row has a picture: run some rows first")
     caption = 16
     rows_n = math.ceil(len(tiles) / columns)
     sheet = Image.new("RGB", (columns * (tile + 8), rows_n * (tile + caption + 8)), "white")
@@ -523,11 +547,78 @@ def samples_figure(records: dict, out: Path, tile: int = 196, columns: int = 6) 
         x, y = (i % columns) * (tile + 8) + 4, (i // columns) * (tile + caption + 8) + 4
         sheet.paste(image, (x + (tile - image.width) // 2, y + caption + (tile - image.height) // 2))
         draw.text((x, y), label, fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    save_png(sheet, out)
     return len(tiles)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test NLL against training wall-clock
+# ----------------------------------------------------------------------------------------------------------
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#aa0088"]
+
+
+def curve_of(record: dict) -> list[list[float]]:
+    """The record's [seconds, step, figure] test curve, or the one of its run folder when that is still here."""
+    curve = record["extra"].get("curve")
+    run_dir = ROOT / record["run_dir"]
+    if not curve and (run_dir / "metrics.jsonl").exists():
+        curve = test_curve(run_dir, BY_ID[record["row"]].key)
+    return curve or []
+
+
+def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400) -> int:
+    """One panel per image table (binarized MNIST in nats, 8-bit MNIST in bits/dim): the test figure of every
+    current row against the minutes its run had spent when it was measured, one line per row (first seed)."""
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for table in ("binarized_mnist", "mnist"):
+        lines = [(row, curve_of(rec)) for row, rec in current_records(records) if row.table == table]
+        lines = [(row, c) for row, c in lines if c]
+        if lines:
+            panels.append((table, lines))
+    if not panels:
+        raise ResultError("no current image row has a test curve: run some rows first")
+    sheet = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(sheet)
+    left, right, top, bottom = 60, 150, 30, 40  # margins: axis labels, legend
+    for p, (table, lines) in enumerate(panels):
+        x0 = p * width
+        t_max = max(point[0] for _, c in lines for point in c) / 60
+        values = [point[2] for _, c in lines for point in c]
+        lo, hi = min(values), max(values)
+        hi = lo + 1e-9 if hi <= lo else hi
+        pad = 0.05 * (hi - lo)
+        lo, hi = lo - pad, hi + pad
+
+        def xy(minutes, value):
+            return (x0 + left + minutes / t_max * (width - left - right),
+                    top + (hi - value) / (hi - lo) * (height - top - bottom))
+
+        draw.rectangle([x0 + left, top, x0 + width - right, height - bottom], outline="black")
+        for k in range(5):
+            minutes, value = t_max * k / 4, lo + (hi - lo) * k / 4
+            x, _ = xy(minutes, lo)
+            _, y = xy(0, value)
+            draw.text((x - 8, height - bottom + 4), f"{minutes:.0f}", fill="black")
+            draw.text((x0 + 6, y - 6), f"{value:.2f}" if hi - lo < 10 else f"{value:.0f}", fill="black")
+        unit = "nats" if table == "binarized_mnist" else "bits/dim"
+        name = "binarized MNIST" if table == "binarized_mnist" else "8-bit MNIST"
+        draw.text((x0 + left, 8), f"{name}: test NLL ({unit}) against training minutes", fill="black")
+        draw.text((x0 + (width - right) // 2, height - 16), "minutes (one CPU thread)", fill="black")
+        for i, (row, curve) in enumerate(lines):
+            colour = COLOURS[i % len(COLOURS)]
+            points = [xy(t / 60, v) for t, _, v in curve]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            ly = top + 14 * i
+            draw.line([(x0 + width - right + 8, ly + 6), (x0 + width - right + 24, ly + 6)], fill=colour, width=2)
+            draw.text((x0 + width - right + 28, ly), row.id, fill="black")
+    save_png(sheet, out)
+    return sum(len(lines) for _, lines in panels)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -560,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p = sub.add_parser("render", help="rewrite README.md's tables from results/measured.jsonl")
     p.add_argument("--check", action="store_true", help="exit 1 if a row is missing or stale")
-    sub.add_parser("figure", help="results/samples.png from every row's samples")
+    sub.add_parser("figure", help="results/samples.png from every row's samples, results/curves.png from their "
+                                  "test curves")
     args = parser.parse_args(argv)
     try:
         if args.what == "list":
@@ -585,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.what == "figure":
             n = samples_figure(load_records(), ROOT / "results" / "samples.png")
             print(f"results/samples.png: {n} rows")
+            try:
+                n = curves_figure(load_records(), ROOT / "results" / "curves.png")
+                print(f"results/curves.png: {n} rows")
+            except ResultError as e:
+                print(f"results/curves.png not drawn: {e}", file=sys.stderr)
     except ResultError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 records and renders runs correctly (on fake run folders, and one real tiny run)."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,19 +141,53 @@ def test_readme_has_the_markers_and_every_table_title():
         assert title in readme
 
 
-def test_samples_figure_tiles_every_row_with_a_samples_png(tmp_path, monkeypatch):
+def test_samples_figure_tiles_every_current_row_and_keeps_its_picture(tmp_path, monkeypatch):
+    """Rows with a current record and a picture are tiled; the picture is kept in results/samples/ so the figure
+    can be rebuilt once the run folders are gone; a stale row is left out."""
+    monkeypatch.setattr(table, "code_hash", lambda file: "current")
     records = {}
-    for i, row in enumerate(table.ROWS[:3]):
-        record = fake_record(row, row.seeds[0], 1.0)
+    for i, row in enumerate(table.ROWS[:4]):
+        record = {**fake_record(row, row.seeds[0], 1.0), "code": "old" if i == 3 else "current"}
         write_run(tmp_path / record["run_dir"], [], samples=i != 1)  # the second row has no samples.png
         records[(row.id, row.seeds[0])] = record
     monkeypatch.setattr(table, "ROOT", tmp_path)
+    monkeypatch.setattr(table, "SAMPLES", tmp_path / "kept")
     out = tmp_path / "fig.png"
     assert table.samples_figure(records, out, tile=50, columns=6) == 2
     image = Image.open(out)
     assert image.size == (6 * 58, 1 * (50 + 16 + 8))
-    with pytest.raises(table.ResultError, match="no run folder"):
+    kept = {p.name for p in (tmp_path / "kept").iterdir()}
+    assert kept == {f"{table.ROWS[0].id}.png", f"{table.ROWS[2].id}.png"}
+    shutil.rmtree(tmp_path / "runs")
+    assert table.samples_figure(records, out, tile=50, columns=6) == 2  # from the kept pictures
+    with pytest.raises(table.ResultError, match="no current row"):
         table.samples_figure({}, out)
+
+
+def test_curves_figure_draws_one_line_per_current_image_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(table, "code_hash", lambda file: "current")
+    records = {}
+    for row_id in ("vae-bmnist", "iwae-bmnist", "vae-mnist", "vae-8gaussians"):
+        row = table.BY_ID[row_id]
+        record = {**fake_record(row, row.seeds[0], 1.0), "code": "current"}
+        record["extra"]["curve"] = [[60.0, 100, 3.0], [600.0, 1000, 2.0]]
+        records[(row.id, row.seeds[0])] = record
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    out = tmp_path / "curves.png"
+    assert table.curves_figure(records, out, width=300, height=200) == 3  # the toy row has no panel
+    image = Image.open(out)
+    assert image.size == (600, 200)
+    assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 3  # lines in colour, not a blank sheet
+    with pytest.raises(table.ResultError, match="no current image row"):
+        table.curves_figure({}, out)
+
+
+def test_test_curve_follows_the_clock_across_resumptions(tmp_path):
+    write_run(tmp_path, [{"split": "train", "step": 10, "time": 5.0},
+                         {"split": "test", "step": 10, "time": 8.0, "nll_nats": 3.0},
+                         {"split": "train", "step": 20, "time": 2.0},  # resumed: the clock restarts
+                         {"split": "test", "step": 20, "time": 4.0, "nll_nats": 2.5}])
+    assert table.test_curve(tmp_path, "nll_nats") == [[8.0, 10, 3.0], [12.0, 20, 2.5]]
 
 
 def test_run_records_a_real_tiny_run(tmp_path, monkeypatch):
