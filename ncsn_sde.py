@@ -42,11 +42,9 @@ Deviations from the papers:
   (Song et al. 2021, Sec. 3.4): between its L trained levels the network is interpolated, so that figure is only
   indicative; NCSN itself has no likelihood.
 
-Expected result: with the 2nd command (VP SDE, DSM, 6000 steps) the probability-flow ODE test NLL on the first
-5000 test points is 2.854 nats on 8gaussians (KL(data || model) 0.022) and 2.440 on two_moons (KL 0.046), about
-150 function evaluations per solve; the 6000 steps took about 8 minutes on 2 CPU cores shared with other jobs
-(load 8 to 10), 3 at the 33 steps/s of a lightly loaded core. The paper reports 2.99
-bits/dim on CIFAR-10 (VP, deep DDPM++, 1.3M steps on TPUs). README.md has the measured numbers with their commands.
+Expected result: the paper reports 2.99 bits/dim on CIFAR-10 (VP, deep DDPM++, 1.3M steps on TPUs). README.md's
+rows ncsn_sde-8gaussians / ncsn_sde-two_moons (the 2nd command: VP SDE, DSM, 6000 steps; probability-flow ODE
+NLL and KL(data || model)) and ncsn_sde-mnist (the CPU recipe) have the measured figures with their commands.
 """
 
 import copy

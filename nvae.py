@@ -43,10 +43,8 @@ Deviations from the paper:
   decoder's output is cropped); the likelihood covers only the 28x28 pixels.
 
 Expected result: the paper reports about 78 nats on dynamically binarized MNIST and 2.91 bits/dim on CIFAR-10
-(with flows) after days on V100s. The CPU default (389,085 parameters, 3 epochs) reached 87.31 nats (IWAE k = 100,
-first 1000 test images; -ELBO 91.49) in 46 minutes of training on 2 CPU cores shared with other jobs, where vae.py,
-trained for 42 minutes (115 epochs) on the same images and estimator, reached 91.25 (95.61); README.md has both
-commands.
+(with flows) after days on V100s. README.md's rows nvae-bmnist and nvae-mnist have the CPU default's figures,
+next to vae-long-bmnist: vae.py trained for as long on the same images with the same estimator.
 """
 
 import copy

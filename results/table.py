@@ -164,14 +164,13 @@ ROWS: tuple[Row, ...] = (
       for name, model, file, flags, estimator, budget in (
           ("vae", "VAE, Gaussian decoder", "vae.py", "--steps 5000", "IWAE k = 1000", "5000 steps of 128"),
           ("ddpm", "DDPM, MLP", "ddpm.py",
-           "--batch-size 256 --steps 3000 --lr 1e-3 --warmup 100 --ema-decay 0.999 --eval-t 100 --eval-n 5000 "
+           "--batch-size 256 --steps 10000 --lr 1e-3 --warmup 100 --ema-decay 0.999 --eval-t 100 --eval-n 5000 "
            "--sampler ddim --sample-steps 100", "variational bound, 100 stratified t, 5000 test points",
-           "3000 steps of 256"),
-          ("realnvp", "RealNVP, 8 couplings", "flows.py", "--flow realnvp --steps 3000", "exact",
-           "3000 steps of 512"),
-          ("maf", "MAF, 8 MADEs", "flows.py", "--flow maf --steps 3000", "exact", "3000 steps of 512"),
-          ("ffjord", "FFJORD, 64-64-64", "ffjord.py", "--steps 1000 --eval-n 5000",
-           "ODE (dopri5, tol 1e-5), exact trace, 5000 test points", "1000 steps of 200"),
+           "10,000 steps of 256"),
+          ("realnvp", "RealNVP, 8 couplings", "flows.py", "--flow realnvp", "exact", "10,000 steps of 512"),
+          ("maf", "MAF, 8 MADEs", "flows.py", "--flow maf", "exact", "10,000 steps of 512"),
+          ("ffjord", "FFJORD, 64-64-64", "ffjord.py", "--steps 4000 --lr 3e-3 --rtol 1e-3 --atol 1e-3 --eval-n 5000",
+           "ODE (dopri5, tol 1e-3), exact trace, 5000 test points", "4000 steps of 200"),
           ("ebm", "EBM, MLP, SGLD with a replay buffer", "ebm_jem.py",
            "--model ebm --arch mlp --batch-size 256 --lr 1e-3 --lr-decay --energy-reg 0.01 "
            + {"8gaussians": "--sgld-step 0.05 --sgld-noise 0.2236",
