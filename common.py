@@ -1357,12 +1357,18 @@ def _fmt(value) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
+def cpu_recipes(doc: str) -> list[str]:
+    """The commands of a docstring marked "# CPU recipe", each joined over its backslash-continued lines."""
+    commands = re.findall(r"^[ \t]*(python (?:[^\n#]*\\\n)*[^\n#]*?)\s*# CPU recipe", doc, re.M)
+    return [" ".join(c.replace("\\\n", " ").split()) for c in commands]
+
+
 def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | None = None) -> None:
     """Parse arguments, train, and turn the expected failures into one clear line and an exit code:
     2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM. After a --quick run on
     images (a smoke test) the last line is the docstring's command marked "# CPU recipe"."""
     args = parse_args(args_cls, argv, presets)
-    recipe = re.findall(r"^\s*(python .+?)\s+# CPU recipe", sys.modules[args_cls.__module__].__doc__ or "", re.M)
+    recipe = cpu_recipes(sys.modules[args_cls.__module__].__doc__ or "")
     _Stop.run = None
     try:
         with stop_on_signals():

@@ -6,7 +6,9 @@ Trained with L_simple (Eq. 14), sampled with Algorithm 2 or DDIM, evaluated by t
 
     python ddpm.py --quick --dataset 8gaussians       # under a minute on a CPU: the MLP on a 2D toy
     python ddpm.py --quick --dataset mnist            # a 2-minute smoke test on a CPU: a small U-Net, 1000 steps
-    python ddpm.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 --eval-t 50 --sampler ddim --sample-steps 50   # CPU recipe: 30 minutes on 2 cores
+    python ddpm.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 \
+        --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 \
+        --eval-t 50 --sampler ddim --sample-steps 50   # CPU recipe: 30 minutes on 2 cores
     python ddpm.py --dataset cifar10                  # the paper's 35.7M-parameter U-Net, 800k steps (GPU)
     python ddpm.py --dataset cifar10 --amp --compile  # the same in bf16, compiled (channels-last is on for cuda)
     python -m results.bench --gpu-ddpm --device cuda  # that training step and sampling in images/s, against lucidrains'
@@ -88,7 +90,7 @@ class Args:
     out: str = ""  # run folder (default: runs/ddpm-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # images: a 2-minute smoke test (mnist, a small U-Net, 1000 steps; ends with the CPU recipe); a 2D toy: its modes in 30 s
+    quick: bool = False  # a 2D toy: its modes in 30 s; images: a smoke test that ends with the CPU recipe
 
 
 QUICK = dict(dataset="mnist", steps=1000, batch_size=64, channels=32, channel_mult=(1, 2), num_res_blocks=1, warmup=100, eval_n=500,

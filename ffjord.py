@@ -80,7 +80,7 @@ class Args:
     out: str = ""  # run folder (default: runs/ffjord-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # a 2D toy: its modes in about a minute (1200 steps, tolerances 1e-3); images: a smoke test of 150 steps of a 32-32 network
+    quick: bool = False  # a 2D toy: its modes in about a minute; images: a smoke test that ends with the CPU recipe
 
 
 QUICK = dict(steps=150, hidden=(32, 32), rtol=1e-3, atol=1e-3, lr=5e-3, eval_n=2000, eval_every=0, log_every=50,

@@ -22,8 +22,10 @@ exist (Sylvester). IAF is MAF with the two directions swapped: sampling is one p
                                                                     # realnvp, glow, iaf, naf, residual)
     python flows.py --task energy --flow planar --target u1 --flow-length 32   # Rezende & Mohamed, Fig. 3
     python flows.py --task images --flow glow --dataset mnist       # dequantized MNIST in bits/dim
-    python flows.py --task images --flow glow --dataset mnist --depth 4 --width 32 --steps 20000 --eval-every 4000   # CPU recipe: 30 minutes on 2 cores
-    python flows.py --task images --flow realnvp --dataset mnist --depth 4 --width 32 --steps 6000 --eval-every 1000   # CPU recipe: 30 minutes on 2 cores
+    python flows.py --task images --flow glow --dataset mnist --depth 4 --width 32 --steps 20000 \
+        --eval-every 4000   # CPU recipe: 30 minutes on 2 cores
+    python flows.py --task images --flow realnvp --dataset mnist --depth 4 --width 32 --steps 6000 \
+        --eval-every 1000   # CPU recipe: 30 minutes on 2 cores
     python flows.py --task images --flow glow --dataset cifar10 --levels 3 --depth 32 --width 512 --steps 200000
     python flows.py --task vae --flow sylvester --dataset binarized_mnist   # flow posteriors in a VAE
 
@@ -101,7 +103,7 @@ class Args:
     out: str = ""  # run folder (default: runs/flows-<task>-<flow>-<dataset or target>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # density task: its modes in 30 s (3000 steps); other tasks, a smoke test of seconds: 200 steps, 4 layers of 32 units (images: depth 2, width 16), k = 20
+    quick: bool = False  # density task: its modes in 15 s; other tasks: a smoke test of seconds (images: the CPU recipe last)
 
 
 QUICK = dict(steps=200, eval_n=1000, eval_k=20, log_every=50, ckpt_every=200, hidden=32, flow_length=4, depth=2,

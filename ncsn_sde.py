@@ -13,7 +13,9 @@ samples by reversing it (predictor-corrector) or by its probability-flow ODE, an
     python ncsn_sde.py --method ncsn --dataset 8gaussians --sampler ald   # NCSN, annealed Langevin dynamics
     python ncsn_sde.py --sde ve --objective ssm --dataset two_moons      # sliced score matching, VE SDE
     python ncsn_sde.py --quick --dataset mnist                          # a smoke test of minutes on a CPU: a small U-Net
-    python ncsn_sde.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1500 --eval-n 100 --sample-steps 200 --rtol 1e-3 --atol 1e-3   # CPU recipe: 30 minutes on 2 cores
+    python ncsn_sde.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 \
+        --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1500 --eval-n 100 \
+        --sample-steps 200 --rtol 1e-3 --atol 1e-3   # CPU recipe: 30 minutes on 2 cores
     python ncsn_sde.py --dataset cifar10 --sde vp --sampler ode         # the paper's setting needs GPUs
     torchrun --nproc_per_node=4 ncsn_sde.py --dataset cifar10 --batch-size 32
 
@@ -107,7 +109,7 @@ class Args:
     out: str = ""  # run folder (default: runs/ncsn_sde-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # a 2D toy: its modes in 40 s (3000 steps of 256); images: a smoke test of 300 steps of a small U-Net, 100 sampler steps
+    quick: bool = False  # a 2D toy: its modes in 40 s; images: a smoke test that ends with the CPU recipe
 
 
 QUICK = dict(steps=300, hidden=64, grid_bins=40, channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_res=(0,),

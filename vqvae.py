@@ -8,8 +8,10 @@ encoder. Stage two fits a gated PixelCNN prior p(z) over the code indices; sampl
 
     python vqvae.py --quick                                          # stage one, under a minute on a CPU (mnist)
     python vqvae.py --quick --stage prior --vqvae runs/vqvae-mnist   # stage two on its codes, then samples
-    python vqvae.py --dataset mnist --ema --restart 1 --hidden 64 --codebook-size 128 --code-dim 32 --batch-size 64 --lr 1e-3 --steps 8000   # CPU recipe: stage one, 10 minutes on 2 cores
-    python vqvae.py --stage prior --vqvae runs/vqvae-mnist --prior-hidden 64 --prior-layers 8 --batch-size 64 --lr 1e-3 --steps 4000   # CPU recipe: stage two, 15 minutes
+    python vqvae.py --dataset mnist --ema --restart 1 --hidden 64 --codebook-size 128 --code-dim 32 \
+        --batch-size 64 --lr 1e-3 --steps 8000   # CPU recipe: stage one, 10 minutes on 2 cores
+    python vqvae.py --stage prior --vqvae runs/vqvae-mnist --prior-hidden 64 --prior-layers 8 \
+        --batch-size 64 --lr 1e-3 --steps 4000   # CPU recipe: stage two, 15 minutes
     python vqvae.py --dataset mnist --levels 2 --ema --restart 1    # VQ-VAE-2: 14x14 bottom and 7x7 top codes
     python vqvae.py --stage prior --vqvae runs/vqvae-mnist --class-cond     # one row of samples per digit
     python vqvae.py --dataset cifar10 --hidden 256 --res-blocks 2 --codebook-size 512 --code-dim 64 \

@@ -252,7 +252,7 @@ def test_every_cpu_recipe_is_a_table_row():
     commands = {f"python {row.file} {row.flags}" for row in table.ROWS}
     recipes = []
     for path in sorted(ROOT.glob("*.py")):
-        recipes += re.findall(r"^\s*(python .+?)\s+# CPU recipe", path.read_text(), re.M)
+        recipes += common.cpu_recipes(path.read_text())
     assert recipes, "no model file declares a CPU recipe"
     # a stage-two recipe names the stage-one folder by its default, the table by its run folder
     commands |= {c.replace("runs/results/vqvae-mnist-s0", "runs/vqvae-mnist") for c in commands}
