@@ -1,7 +1,6 @@
 """The likelihood tables: every model file has a row, every row's command parses, and the script reads, checks,
 records and renders runs correctly (on fake run folders, and one real tiny run)."""
 import json
-import re
 import shutil
 from pathlib import Path
 
