@@ -459,6 +459,7 @@ def render_table(table: str, records: dict[tuple[str, int], dict]) -> tuple[str,
                                 f"{[r['seed'] for r in stale]} ran")
             cores = max(int(r["host"]["cores"] or 1) for r in found)
             figure, wall = format_figure(row, found), format_wall(found, cores)
+            figure += " ‡" if stale else ""
             seeds = ", ".join(str(r["seed"]) for r in found)
         cells = [row.model, f"`{row.file}`", *([row.data] if table == "toys" else []), row.estimator, row.budget,
                  figure, seeds, row.paper, wall, f"`{row.command()}`"]
@@ -479,7 +480,8 @@ def render(records: dict) -> tuple[str, list[str]]:
                  "standard deviation over the seeds listed; one seed where the budget allowed only one. A "
                  "run's wall time is its whole command (imports, data, training, evaluation); † marks runs "
                  "during which the load average exceeded the number of cores (other jobs shared the CPU, so "
-                 "an idle machine is faster). Figures: results/measured.jsonl.")
+                 "an idle machine is faster); ‡ marks figures measured before the code last changed (their "
+                 "row needs a rerun). Figures: results/measured.jsonl.")
     for table, title in TABLES.items():
         text, found = render_table(table, records)
         parts += [f"**{title}**", text]
