@@ -6,7 +6,10 @@ the conditionals p(x_i | x_<i), each a softmax over the 256 values (2 for binari
 compute all the conditionals in one pass: masked convolutions (PixelCNN), an LSTM down the rows (Row LSTM), an
 LSTM along the diagonals in both directions (Diagonal BiLSTM). The test NLL is exact; sampling is sequential.
 
-    python pixelcnn.py --quick                                  # a few seconds on a CPU
+    python pixelcnn.py --quick                                  # a smoke test of seconds on a CPU
+    python pixelcnn.py --arch pixelcnn --epochs 6 --eval-n 1000   # CPU recipe: 30 minutes (binarized MNIST)
+    python pixelcnn.py --arch rowlstm --steps 5000 --eval-n 1000   # CPU recipe: 30 minutes
+    python pixelcnn.py --arch diagbilstm --steps 2800 --eval-n 1000   # CPU recipe: 30 minutes
     python pixelcnn.py --arch diagbilstm                        # binarized MNIST: 7 layers, h = 16
     python pixelcnn.py --arch rowlstm --epochs 2
     python pixelcnn.py --arch pixelcnn --dataset cifar10        # the paper's CIFAR-10 size: 15 blocks, h = 128
