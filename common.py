@@ -1375,7 +1375,8 @@ def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | No
             train(args)
         if _Stop.run is not None and Dist(int(os.environ.get("RANK", 0))).is_main:
             print(f"run folder: {_Stop.run.dir}", file=sys.stderr)
-            if recipe and getattr(args, "quick", False) and getattr(args, "dataset", "") not in TOY_DATASETS:
+            # images only: a dataset left "" is resolved by the file later (flows: a toy for its default task)
+            if recipe and getattr(args, "quick", False) and getattr(args, "dataset", "") not in ("", *TOY_DATASETS):
                 print(f"--quick on images is a smoke test, too short to learn; recognizable samples in 30 minutes "
                       f"on a CPU: {recipe[0]}", file=sys.stderr)
     except (DataError, RunError) as e:

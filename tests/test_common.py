@@ -63,7 +63,7 @@ def test_toy_or_image_preset_follows_the_dataset():
 
 
 @pytest.mark.parametrize("argv, printed", [(["--quick", "--dataset", "mnist"], True), (["--quick"], False),
-                                           (["--dataset", "mnist"], False)])
+                                           (["--dataset", "mnist"], False), (["--quick", "--dataset", ""], False)])
 def test_quick_on_images_ends_with_the_recipe(tmp_path, capsys, monkeypatch, argv, printed):
     """The recipe is the command of the module docstring marked "# CPU recipe"."""
     monkeypatch.setattr(sys.modules[__name__], "__doc__", "Title.\n\n    python x.py --quick  # a smoke test\n"
