@@ -10,7 +10,8 @@ LSTM along the diagonals in both directions (Diagonal BiLSTM). The test NLL is e
     python pixelcnn.py --arch pixelcnn --epochs 6 --eval-n 1000   # CPU recipe: 30 minutes (binarized MNIST)
     python pixelcnn.py --arch rowlstm --steps 5000 --eval-n 1000   # CPU recipe: 30 minutes
     python pixelcnn.py --arch diagbilstm --steps 2800 --eval-n 1000   # CPU recipe: 30 minutes
-    python pixelcnn.py --arch diagbilstm                        # binarized MNIST: 7 layers, h = 16
+    python pixelcnn.py                                          # PixelCNN, binarized MNIST: 7 layers, h = 16
+    python pixelcnn.py --arch diagbilstm                        # the paper's best MNIST model, one epoch
     python pixelcnn.py --arch rowlstm --epochs 2
     python pixelcnn.py --arch pixelcnn --dataset cifar10        # the paper's CIFAR-10 size: 15 blocks, h = 128
     torchrun --nproc_per_node=2 pixelcnn.py --arch pixelcnn
@@ -62,7 +63,7 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset (see README)
-    arch: Literal["pixelcnn", "rowlstm", "diagbilstm"] = "diagbilstm"  # which of the paper's three networks
+    arch: Literal["pixelcnn", "rowlstm", "diagbilstm"] = "pixelcnn"  # which of the paper's three networks (the fastest)
     layers: int = 0  # residual blocks or LSTM layers (0: the paper's: 7; CIFAR-10 15 PixelCNN, 12 LSTM); >= 0
     hidden: int = 0  # h: LSTM state size; the layers carry 2h features (0: the paper's, 16 MNIST, 128 CIFAR-10); >= 0
     out_hidden: int = 0  # units of the two 1x1 output convolutions (0: 32, or 1024 for CIFAR-10; ours); >= 0
@@ -160,6 +161,8 @@ def gate_groups(hidden: int, colors: int) -> torch.Tensor:
 class ResidualBlock(nn.Module):
     """PixelCNN block (Fig. 5, left): ReLU, 1x1 (2h -> h), ReLU, 3x3 mask B, ReLU, 1x1 (h -> 2h), plus the input."""
 
+    recurrent = False  # no state: sampling reruns the network on the rows the receptive field spans
+
     def __init__(self, hidden: int, colors: int):
         super().__init__()
         self.reduce = MaskedConv2d(2 * hidden, hidden, (1, 1), "B", colors)
@@ -178,6 +181,9 @@ class RowLSTM(nn.Module):
     State-to-state: a k x 1 convolution over the previous row's hidden state (no mask: that row is all past).
     The receptive field is a triangle above the pixel, widening by (k - 1) / 2 columns per row (Fig. 4).
     """
+
+    recurrent = True  # states carried pixel by pixel when sampling (`pixel`), kept in a cache of these names
+    cache_names = ("h", "c")
 
     def __init__(self, hidden: int, colors: int, k: int = 3):
         super().__init__()
@@ -286,6 +292,9 @@ class DiagonalBiLSTM(nn.Module):
     image would hold zero states (the zero boundary in "Deviations"), so skipping them is exact.
     """
 
+    recurrent = True  # states carried pixel by pixel when sampling (`pixel`), kept in a cache of these names
+    cache_names = ("h_lr", "c_lr", "h_rl", "c_rl")
+
     def __init__(self, hidden: int, colors: int):
         super().__init__()
         self.hidden = hidden
@@ -373,29 +382,29 @@ def batch_innermost(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # The model: p(x) = prod_i p(x_i,R | x_<i) p(x_i,G | x_<i, x_i,R) p(x_i,B | x_<i, x_i,R, x_i,G)   (Eq. 1-2)
 # ----------------------------------------------------------------------------------------------------------
-class PixelRNN(nn.Module):
-    """7x7 mask A, `layers` residual layers of one kind, ReLU + 1x1 mask B twice, a softmax per sub-pixel.
+class PixelModel(nn.Module):
+    """7x7 mask A, `layers` residual layers of one kind (`block`: ResidualBlock for PixelCNN, RowLSTM or
+    DiagonalBiLSTM for the PixelRNNs), ReLU + 1x1 mask B twice, a softmax per sub-pixel.
 
     `forward` maps images (B, C, H, W) with values k / (levels - 1) to logits (B, C, levels, H, W); the logits at
     (c, i) depend only on the sub-pixels before (c, i) (tests check the Jacobian is exactly zero elsewhere).
     """
 
-    def __init__(self, arch: str, colors: int, levels: int, layers: int = 7, hidden: int = 16,
+    def __init__(self, block: type[nn.Module], colors: int, levels: int, layers: int = 7, hidden: int = 16,
                  out_hidden: int = 32):
         super().__init__()
-        self.arch, self.colors, self.levels = arch, colors, levels
+        self.colors, self.levels, self.recurrent = colors, levels, block.recurrent
         self.first = MaskedConv2d(colors, 2 * hidden, (7, 7), "A", colors)
-        block = {"pixelcnn": ResidualBlock, "rowlstm": RowLSTM, "diagbilstm": DiagonalBiLSTM}[arch]
         self.layers = nn.Sequential(*[block(hidden, colors) for _ in range(layers)])
         logit_groups = torch.arange(colors).repeat_interleave(levels)  # the logits of colour c are in group c
         self.out1 = MaskedConv2d(2 * hidden, out_hidden, (1, 1), "B", colors)
         self.out2 = MaskedConv2d(out_hidden, colors * levels, (1, 1), "B", colors, logit_groups)
         # rows above a pixel that can reach its logits: the 7x7 reaches 3, each 3x3 one more; LSTMs reach all
-        self.context_rows = 3 + layers if arch == "pixelcnn" else None
+        self.context_rows = None if self.recurrent else 3 + layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.first(x)  # (B, 2h, H, W)
-        if self.arch != "pixelcnn":
+        if self.recurrent:
             h = batch_innermost(h)  # the LSTM layers' layout, which they keep: no transposes between them
         h = self.layers(h)  # (B, 2h, H, W)
         logits = self.out2(F.relu(self.out1(F.relu(h))))  # (B, C * K, H, W)
@@ -423,7 +432,7 @@ def loss(logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str,
 # Likelihood evaluation: exact, one forward pass per batch
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: PixelRNN, x: torch.Tensor, batch_size: int = 500) -> float:
+def evaluate(model: PixelModel, x: torch.Tensor, batch_size: int = 500) -> float:
     """Mean -log p(x) over the images x, nats per image."""
     batches = common.progress(x.split(batch_size), f"exact test NLL, {len(x):,} images", len(x))
     total = sum(nll(model(xb), xb).sum().item() for xb in batches)
@@ -441,7 +450,7 @@ def report(nll_nats: float, data: common.Data) -> dict[str, float]:
 # Sampling: one sub-pixel at a time, raster order, R -> G -> B
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample(model: PixelRNN, n: int, shape: tuple[int, int, int], progress: Callable = iter) -> torch.Tensor:
+def sample(model: PixelModel, n: int, shape: tuple[int, int, int], progress: Callable = iter) -> torch.Tensor:
     """Draw n images (n, C, H, W) with values k / (levels - 1), vectorized over the n images, in the model's dtype
     and on its device; `progress` wraps the loop over rows (a progress bar, say).
 
@@ -454,7 +463,7 @@ def sample(model: PixelRNN, n: int, shape: tuple[int, int, int], progress: Calla
     levels = model.levels
     p = next(model.parameters())
     x = torch.zeros(n, colors, rows, width, device=p.device, dtype=p.dtype)
-    caches = layer_caches(model, x) if model.arch != "pixelcnn" else None
+    caches = layer_caches(model, x) if model.recurrent else None
     for i in progress(range(rows)):
         top = 0 if model.context_rows is None else max(0, i - model.context_rows)
         for j in range(width):
@@ -471,16 +480,15 @@ def sample(model: PixelRNN, n: int, shape: tuple[int, int, int], progress: Calla
     return x
 
 
-def layer_caches(model: PixelRNN, x: torch.Tensor) -> list[dict]:
+def layer_caches(model: PixelModel, x: torch.Tensor) -> list[dict]:
     """Per LSTM layer: its inputs and states at every pixel, (B, H, W, features), filled in as sampling goes."""
     b, _, rows, width = x.shape
     hidden = model.layers[0].hidden
-    names = ("h", "c") if model.arch == "rowlstm" else ("h_lr", "c_lr", "h_rl", "c_rl")
-    return [{"u": x.new_zeros(b, rows, width, 2 * hidden), **{k: x.new_zeros(b, rows, width, hidden) for k in names}}
-            for _ in model.layers]
+    return [{"u": x.new_zeros(b, rows, width, 2 * hidden),
+             **{k: x.new_zeros(b, rows, width, hidden) for k in layer.cache_names}} for layer in model.layers]
 
 
-def pixel_logits(model: PixelRNN, x: torch.Tensor, i: int, j: int, caches: list[dict]) -> torch.Tensor:
+def pixel_logits(model: PixelModel, x: torch.Tensor, i: int, j: int, caches: list[dict]) -> torch.Tensor:
     """Logits (B, C, K) at pixel (i, j) of a Row LSTM or Diagonal BiLSTM from the cached states; every earlier
     pixel must have been visited and every earlier row finished (`finish_row`)."""
     u = model.first(x[:, :, max(0, i - 3) : i + 1])[:, :, -1, j]  # the 7x7 reads 3 rows up: (B, 2h)
@@ -490,7 +498,7 @@ def pixel_logits(model: PixelRNN, x: torch.Tensor, i: int, j: int, caches: list[
     return logits.unflatten(1, (model.colors, model.levels))
 
 
-def evaluate_and_draw(run: common.Run, model: PixelRNN, data: common.Data, args: Args, step: int) -> dict:
+def evaluate_and_draw(run: common.Run, model: PixelModel, data: common.Data, args: Args, step: int) -> dict:
     """Exact test NLL (rank 0), one log line with the sampling time, samples.png."""
     x = data.test_x[: args.eval_n] if args.eval_n else data.test_x
     with common.eval_mode(model, seed=args.seed):
@@ -508,6 +516,9 @@ def evaluate_and_draw(run: common.Run, model: PixelRNN, data: common.Data, args:
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
+ARCHS = {"pixelcnn": ResidualBlock, "rowlstm": RowLSTM, "diagbilstm": DiagonalBiLSTM}  # --arch -> block
+
+
 def train(args: Args) -> dict:
     if args.dataset in common.TOY_DATASETS:
         raise common.DataError(f"pixelcnn.py models images; '{args.dataset}' is a 2D toy set")
@@ -515,7 +526,7 @@ def train(args: Args) -> dict:
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     sizes = {k: getattr(args, k) or v for k, v in paper_config(args.arch, args.dataset).items()}
     levels = 2 if data.kind == "binary" else 256
-    model = PixelRNN(args.arch, data.shape[0], levels, **sizes).to(device)
+    model = PixelModel(ARCHS[args.arch], data.shape[0], levels, **sizes).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     if not args.out:  # the three architectures share this file, not a run folder
         args = dataclasses.replace(args, out=f"runs/pixelcnn-{args.arch}-{args.dataset}")

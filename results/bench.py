@@ -295,7 +295,7 @@ def row_pixelcnn(arch):
         import pixelcnn
         data = fake_data("binarized_mnist", "binary", (1, 28, 28))
         sizes = pixelcnn.paper_config(arch, data.name)
-        model = pixelcnn.PixelRNN(arch, 1, 2, **sizes).to(device)
+        model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 1, 2, **sizes).to(device)
         opt = common.adam(model.parameters(), lr=1e-3)
         x, _ = batch(data, b, device)
         return Row(f"pixelcnn-{arch}", f"pixelcnn.py {arch}",
@@ -309,7 +309,7 @@ def row_pixelcnn_sample(arch):
         """Not a training step: drawing b whole images (H W C sub-pixels in turn) from the untrained network."""
         import pixelcnn
         sizes = pixelcnn.paper_config(arch, "binarized_mnist")
-        model = pixelcnn.PixelRNN(arch, 1, 2, **sizes).to(device).eval()
+        model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 1, 2, **sizes).to(device).eval()
         return Row(f"pixelcnn-sample-{arch}", f"pixelcnn.py {arch} sampling",
                    f"binarized MNIST 28x28, paper size, {b} images at once", "img",
                    Side("ours", lambda: pixelcnn.sample(model, b, (1, 28, 28)), b), note="peer: not timed")

@@ -23,17 +23,17 @@ pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def make(arch: str, colors: int = 1, levels: int = 2, layers: int = 2, hidden: int = 6, out_hidden: int = 12,
-         seed: int = 0, scale: float = 0.5) -> pixelcnn.PixelRNN:
+         seed: int = 0, scale: float = 0.5) -> pixelcnn.PixelModel:
     """A float64 model with every parameter random (biases too), so no dependence vanishes by accident."""
     torch.manual_seed(seed)
-    model = pixelcnn.PixelRNN(arch, colors, levels, layers, hidden, out_hidden).double()
+    model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], colors, levels, layers, hidden, out_hidden).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * scale)
     return model
 
 
-def input_jacobian(model: pixelcnn.PixelRNN, shape: tuple[int, int, int], batch: int = 6) -> torch.Tensor:
+def input_jacobian(model: pixelcnn.PixelModel, shape: tuple[int, int, int], batch: int = 6) -> torch.Tensor:
     """|d (random mix of the logits at each (c, i, j)) / d x| summed over a batch: (C, H, W, C, H, W)."""
     torch.manual_seed(1)
     x = torch.rand(batch, *shape)
@@ -242,10 +242,10 @@ def test_parameter_counts_and_output_shape():
         "diagbilstm": (2 * h * 8 * h + 8 * h) + 2 * (2 * h * 4 * h + 4 * h) + (h * 2 * h + 2 * h),
     }
     for arch, n in per_layer.items():
-        model = pixelcnn.PixelRNN(arch, 1, 2, 7, h, out)
+        model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 1, 2, 7, h, out)
         assert sum(p.numel() for p in model.parameters()) == first + 7 * n + head
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 1, 2, 28, 28)
-    assert pixelcnn.PixelRNN("diagbilstm", 3, 256, 1, 6, 8)(torch.zeros(1, 3, 4, 5)).shape == (1, 3, 256, 4, 5)
+    assert pixelcnn.PixelModel(pixelcnn.DiagonalBiLSTM, 3, 256, 1, 6, 8)(torch.zeros(1, 3, 4, 5)).shape == (1, 3, 256, 4, 5)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -258,7 +258,7 @@ def test_help_lists_the_options_with_defaults(capsys):
         common.parse_args(pixelcnn.Args, ["--help"], presets={"quick": pixelcnn.QUICK})
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--arch {pixelcnn,rowlstm,diagbilstm}" in text and "(default: diagbilstm)" in text
+    assert "--arch {pixelcnn,rowlstm,diagbilstm}" in text and "(default: pixelcnn)" in text
     assert "--layers LAYERS" in text and "--samples SAMPLES" in text
 
 
@@ -325,7 +325,7 @@ def test_lstm_pixel_by_pixel_equals_the_parallel_forward(arch, colors, levels):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sample_follows_the_model_dtype_and_reports_each_row(arch):
     torch.set_default_dtype(torch.float32)  # built in float32, then .double(), as a user would (fixture restores)
-    model = pixelcnn.PixelRNN(arch, 3, 4, 1, 4, 8).double()
+    model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 3, 4, 1, 4, 8).double()
     rows = []
     x = pixelcnn.sample(model, 2, (3, 3, 4), progress=lambda steps: rows.extend(steps) or steps)
     assert x.dtype == torch.float64 and x.shape == (2, 3, 3, 4) and rows == [0, 1, 2]
