@@ -128,16 +128,16 @@ def gaussian_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
-LIKELIHOODS = {  # data kind -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
-    "binary": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
-    "8bit": (discretized_logistic_log_prob, 2),
-    "toy": (gaussian_log_prob, 2),
+LIKELIHOODS = {  # name -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
+    "bernoulli": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
+    "discretized_logistic": (discretized_logistic_log_prob, 2),
+    "gaussian": (gaussian_log_prob, 2),
 }
 
 
-def decoder_mean(kind: str, params: torch.Tensor) -> torch.Tensor:
+def decoder_mean(likelihood: str, params: torch.Tensor) -> torch.Tensor:
     """E[x|z]: sigmoid of the Bernoulli logits, or the location (the mode) of a logistic or Gaussian."""
-    return torch.sigmoid(params[..., 0, :]) if kind == "binary" else params[..., 0, :]
+    return torch.sigmoid(params[..., 0, :]) if likelihood == "bernoulli" else params[..., 0, :]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,11 +171,11 @@ class IWAE(nn.Module):
     """q(h_1|x) q(h_2|h_1) ... and p(h_L) ... p(h_1|h_2) p(x|h_1), each a Gaussian (Bernoulli etc. for x) whose
     parameters come from a two-hidden-layer tanh MLP. `forward` returns the training loss (for DDP)."""
 
-    def __init__(self, shape: tuple[int, ...], kind: str, layers: int = 1,
+    def __init__(self, shape: tuple[int, ...], likelihood: str, layers: int = 1,
                  sizes: list[tuple[int, int]] | None = None):
         super().__init__()
-        self.shape, self.kind = tuple(shape), kind
-        self.log_px_given_z, self.params_per_dim = LIKELIHOODS[kind]
+        self.shape, self.likelihood = tuple(shape), likelihood
+        self.log_px_given_z, self.params_per_dim = LIKELIHOODS[likelihood]
         sizes = sizes or ARCHITECTURES[layers]
         num_dims = math.prod(shape)
         below = [num_dims] + [d for _, d in sizes[:-1]]  # the variable under each stochastic layer
@@ -317,12 +317,12 @@ def sample(model: IWAE, n: int, mean: bool = True) -> torch.Tensor:
         h = reparameterize(*net(h).chunk(2, dim=-1))
     params = model.decode(h)
     if mean:
-        x = decoder_mean(model.kind, params)
-    elif model.kind == "binary":
+        x = decoder_mean(model.likelihood, params)
+    elif model.likelihood == "bernoulli":
         x = torch.bernoulli(torch.sigmoid(params[:, 0]))
     else:  # a Gaussian draw; for 8-bit data a logistic draw rounded to the 256 levels
         loc = params[:, 0]
-        if model.kind == "toy":  # params[:, 1] is the log-variance
+        if model.likelihood == "gaussian":  # params[:, 1] is the log-variance
             x = loc + torch.exp(0.5 * params[:, 1]) * torch.randn_like(loc)
         else:  # params[:, 1] is the logistic's log-scale, in the units of x
             u = torch.rand_like(loc).clamp(1e-6, 1 - 1e-6)
@@ -341,7 +341,7 @@ def draw_pictures(model: IWAE, data: common.Data, run: common.Run) -> None:
     common.save_grid(run.path("samples.png"), sample(model, 64), nrow=8)
     x = data.test_x[:32]
     mu, _ = model.q[0](x.flatten(1)).chunk(2, dim=-1)
-    recon = decoder_mean(model.kind, model.decode(mu)).reshape(x.shape)
+    recon = decoder_mean(model.likelihood, model.decode(mu)).reshape(x.shape)
     pairs = rearrange(torch.stack([x.view(4, 8, *x.shape[1:]), recon.view(4, 8, *x.shape[1:])], 1),
                       "r two n c h w -> (r two n) c h w")
     common.save_grid(run.path("recon.png"), pairs, nrow=8)
@@ -360,10 +360,13 @@ def evaluate_and_draw(run: common.Run, model: IWAE, data: common.Data, args: Arg
     return metrics
 
 
+LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "gaussian"}  # data kind -> p(x|z)
+
+
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    model = IWAE(data.shape, data.kind, args.layers).to(device)
+    model = IWAE(data.shape, LIKELIHOOD_OF[data.kind], args.layers).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr, eps=1e-4)  # Burda et al., Sec. 5: eps = 1e-4
     run = common.Run(args, "iwae", dist, model, optimizer)
     start = run.restore()

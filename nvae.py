@@ -372,12 +372,12 @@ class NVAE(nn.Module):
     follow, each again halving (so the coarsest, top group sits at size / 2^(pre_blocks + scales - 1)).
     """
 
-    def __init__(self, shape: tuple[int, int, int], kind: str, channels: int = 8, pre_blocks: int = 2,
+    def __init__(self, shape: tuple[int, int, int], likelihood: str, channels: int = 8, pre_blocks: int = 2,
                  scales: int = 2, groups: int = 2, z_channels: int = 8, cells: int = 1, expansion: int = 3,
                  mixtures: int = 10):
         super().__init__()
         c_img, height, width = shape
-        self.shape, self.kind, self.mixtures = tuple(shape), kind, mixtures
+        self.shape, self.likelihood, self.mixtures = tuple(shape), likelihood, mixtures
         self.scales, self.groups, self.z_channels = scales, groups, z_channels
         factor = 2 ** (pre_blocks + scales - 1)
         self.padded = (math.ceil(height / factor) * factor, math.ceil(width / factor) * factor)
@@ -417,7 +417,7 @@ class NVAE(nn.Module):
         # post-processing mirrors the pre-processing (doubling), then ELU + conv3x3 to the likelihood parameters
         self.post = nn.Sequential(*[GenerativeCell(c_latent // 2**i, expansion, up=True)
                                     for i in range(pre_blocks)])
-        out = 1 if kind == "binary" else mixture_params_per_pixel(c_img, mixtures)
+        out = 1 if likelihood == "bernoulli" else mixture_params_per_pixel(c_img, mixtures)
         self.head = nn.Sequential(nn.ELU(), Conv2d(channels, out, 3, padding=1))
         # number of dimensions of each group (for KL balancing), top-down order
         sizes = [z_channels * (top_size[0] * top_size[1]) * 4 ** (l // groups) for l in range(self.num_groups)]
@@ -482,13 +482,13 @@ class NVAE(nn.Module):
 
     # -- likelihood ---------------------------------------------------------------------------------------
     def log_px_given_z(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        if self.kind == "binary":
+        if self.likelihood == "bernoulli":
             return bernoulli_log_prob(x.flatten(1), params.flatten(1))
         return discretized_mixture_log_prob(x, params, self.mixtures)
 
     def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
         """Pictures: Bernoulli means, or a draw from the mixture for 8-bit data."""
-        if self.kind == "binary":
+        if self.likelihood == "bernoulli":
             return torch.sigmoid(params)
         return sample_discretized_mixture(params, self.shape[0], self.mixtures)
 
@@ -646,13 +646,16 @@ def evaluate_and_draw(run: common.Run, model: NVAE, data: common.Data, args: Arg
     return metrics
 
 
+LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic_mixture"}  # data kind -> p(x|z)
+
+
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
     if common.dataset_kind(args.dataset) == "toy":  # refused before any data is read or downloaded
         raise common.RunError("nvae.py models images; use vae.py or flows.py for the 2D toys")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    model = NVAE(data.shape, data.kind, args.channels, args.pre_blocks, args.scales, args.groups, args.z_channels,
-                 args.cells, args.expansion, args.mixtures).to(device)
+    model = NVAE(data.shape, LIKELIHOOD_OF[data.kind], args.channels, args.pre_blocks, args.scales, args.groups,
+                 args.z_channels, args.cells, args.expansion, args.mixtures).to(device)
     # NHWC activations: the depthwise 5x5 convolutions run about 3x faster on CPU (oneDNN), no slower on GPUs
     model = model.to(memory_format=torch.channels_last)
     # Sec. 4 / authors' code: Adamax with weight decay; the cosine schedule is set below at every step

@@ -114,16 +114,16 @@ def gaussian_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
-LIKELIHOODS = {  # data kind -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
-    "binary": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
-    "8bit": (discretized_logistic_log_prob, 2),
-    "toy": (gaussian_log_prob, 2),
+LIKELIHOODS = {  # name -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
+    "bernoulli": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
+    "discretized_logistic": (discretized_logistic_log_prob, 2),
+    "gaussian": (gaussian_log_prob, 2),
 }
 
 
-def decoder_mean(kind: str, params: torch.Tensor) -> torch.Tensor:
+def decoder_mean(likelihood: str, params: torch.Tensor) -> torch.Tensor:
     """E[x|z]: sigmoid of the Bernoulli logits, or the location (the mode) of a logistic or Gaussian."""
-    return torch.sigmoid(params[..., 0, :]) if kind == "binary" else params[..., 0, :]
+    return torch.sigmoid(params[..., 0, :]) if likelihood == "bernoulli" else params[..., 0, :]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,11 +199,11 @@ class ConvDecoder(nn.Module):
 class VAE(nn.Module):
     """Encoder q(z|x), decoder p(x|z), prior N(0, I). `forward` returns the training loss (for DDP)."""
 
-    def __init__(self, shape: tuple[int, ...], kind: str, arch: str = "mlp", hidden: int = 400,
+    def __init__(self, shape: tuple[int, ...], likelihood: str, arch: str = "mlp", hidden: int = 400,
                  latent: int = 20, min_rate: float = 0.0):
         super().__init__()
-        self.shape, self.kind, self.latent = tuple(shape), kind, latent
-        self.log_px_given_z, self.params_per_dim = LIKELIHOODS[kind]
+        self.shape, self.likelihood, self.latent = tuple(shape), likelihood, latent
+        self.log_px_given_z, self.params_per_dim = LIKELIHOODS[likelihood]
         num_dims, p = math.prod(shape), self.params_per_dim
         self.flat_input = arch == "mlp"  # the MLP encoder reads x flattened to (B, D), the conv one (B, C, H, W)
         if arch == "mlp":
@@ -336,12 +336,12 @@ def sample(model: VAE, n: int, mean: bool = True) -> torch.Tensor:
     z = torch.randn(n, model.latent, device=next(model.parameters()).device)
     params = model.decode(z)
     if mean:
-        x = decoder_mean(model.kind, params)
-    elif model.kind == "binary":
+        x = decoder_mean(model.likelihood, params)
+    elif model.likelihood == "bernoulli":
         x = torch.bernoulli(torch.sigmoid(params[:, 0]))
     else:  # a Gaussian draw; for 8-bit data a logistic draw rounded to the 256 levels
         loc, log_scale = params[:, 0], params[:, 1]
-        if model.kind == "toy":
+        if model.likelihood == "gaussian":
             x = loc + torch.exp(0.5 * log_scale) * torch.randn_like(loc)
         else:
             u = torch.rand_like(loc).clamp(1e-6, 1 - 1e-6)
@@ -359,7 +359,7 @@ def draw_pictures(model: VAE, data: common.Data, run: common.Run) -> None:
     common.save_grid(run.path("samples.png"), sample(model, 64), nrow=8)
     x = data.test_x[:32]
     mu, _ = model.encode(x)
-    recon = decoder_mean(model.kind, model.decode(mu)).reshape(x.shape)
+    recon = decoder_mean(model.likelihood, model.decode(mu)).reshape(x.shape)
     pairs = rearrange(torch.stack([x.view(4, 8, *x.shape[1:]), recon.view(4, 8, *x.shape[1:])], 1),
                       "r two n c h w -> (r two n) c h w")
     common.save_grid(run.path("recon.png"), pairs, nrow=8)
@@ -368,7 +368,7 @@ def draw_pictures(model: VAE, data: common.Data, run: common.Run) -> None:
     mu_b, _ = model.encode(data.test_x[40:48])
     t = torch.linspace(0, 1, 10, device=mu_a.device)[None, :, None]
     z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (8, 10, d)
-    frames = decoder_mean(model.kind, model.decode(z)).reshape(80, *x.shape[1:])
+    frames = decoder_mean(model.likelihood, model.decode(z)).reshape(80, *x.shape[1:])
     common.save_grid(run.path("interp.png"), frames, nrow=10)
 
 
@@ -405,10 +405,13 @@ def evaluate_and_draw(run: common.Run, model: VAE, data: common.Data, args: Args
     return metrics
 
 
+LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "gaussian"}  # data kind -> p(x|z)
+
+
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    model = VAE(data.shape, data.kind, args.arch, args.hidden, args.latent, args.min_rate).to(device)
+    model = VAE(data.shape, LIKELIHOOD_OF[data.kind], args.arch, args.hidden, args.latent, args.min_rate).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "vae", dist, model, optimizer)
     run.state.update(aggressive=args.aggressive, best_mi=-math.inf)

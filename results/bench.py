@@ -138,7 +138,7 @@ def import_lucidrains_unet():
 def row_vae(device, b):
     import vae
     data = fake_data("binarized_mnist", "binary", (1, 28, 28))
-    model = vae.VAE(data.shape, data.kind, "mlp", 400, 20, 0.0).to(device)
+    model = vae.VAE(data.shape, vae.LIKELIHOOD_OF[data.kind], "mlp", 400, 20, 0.0).to(device)
     opt = common.adam(model.parameters(), lr=1e-3)
     x, _ = batch(data, b, device)
     return Row("vae", "vae.py VAE", f"binarized MNIST, MLP 784-400-20, batch {b}", "img",
@@ -149,7 +149,7 @@ def row_vae(device, b):
 def row_iwae(device, b):
     import iwae
     data = fake_data("binarized_mnist", "binary", (1, 28, 28))
-    model = iwae.IWAE(data.shape, data.kind, 1).to(device)
+    model = iwae.IWAE(data.shape, iwae.LIKELIHOOD_OF[data.kind], 1).to(device)
     opt = common.adam(model.parameters(), lr=1e-3, eps=1e-4)
     x, _ = batch(data, b, device)
     return Row("iwae", "iwae.py IWAE", f"binarized MNIST, 1 stochastic layer, k = 5, batch {b}", "img",
@@ -181,7 +181,7 @@ def row_nvae(device, b):
     import nvae
     a = nvae.Args()
     data = fake_data("binarized_mnist", "binary", (1, 28, 28))
-    model = nvae.NVAE(data.shape, data.kind, a.channels, a.pre_blocks, a.scales, a.groups, a.z_channels, a.cells,
+    model = nvae.NVAE(data.shape, nvae.LIKELIHOOD_OF[data.kind], a.channels, a.pre_blocks, a.scales, a.groups, a.z_channels, a.cells,
                       a.expansion, a.mixtures).to(device).to(memory_format=torch.channels_last)  # as its train()
     opt = torch.optim.Adamax(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, eps=1e-3)
     x, _ = batch(data, b, device)

@@ -37,7 +37,7 @@ class LinearGaussian:
     def iwae(self, mu_shift: float = 0.0, logvar_shift: float = 0.0) -> iwae.IWAE:
         """An IWAE with linear networks: the true decoder, and an encoder whose mean and log-variance are the
         exact posterior's shifted by the given amounts (0, 0: q is the true posterior)."""
-        model = iwae.IWAE((self.D,), "toy", sizes=[(8, self.d)])
+        model = iwae.IWAE((self.D,), "gaussian", sizes=[(8, self.d)])
         var = 1 / (1 + (self.W**2).sum(0) / self.s2)  # posterior Sigma = (I + W^T W / s2)^-1, diagonal here
         A = self.W / self.s2 * var  # posterior mean = (x - b) @ A
         model.q[0] = nn.Sequential(nn.Linear(self.D, 2 * self.d))
@@ -53,7 +53,7 @@ class LinearGaussian:
 def tiny(layers: int, seed: int = 0) -> iwae.IWAE:
     torch.manual_seed(seed)
     sizes = [(6, 3)] if layers == 1 else [(6, 3), (5, 2)]
-    return iwae.IWAE((4,), "toy", sizes=sizes)
+    return iwae.IWAE((4,), "gaussian", sizes=sizes)
 
 
 # ---------------------------------------------------------------------------------------------- the bound
@@ -172,7 +172,7 @@ def test_paper_schedule_runs_3_to_the_i_epochs_at_each_learning_rate():
 
 
 def test_the_papers_architectures_have_the_right_sizes():
-    one, two = iwae.IWAE((1, 28, 28), "binary", 1), iwae.IWAE((1, 28, 28), "binary", 2)
+    one, two = iwae.IWAE((1, 28, 28), "bernoulli", 1), iwae.IWAE((1, 28, 28), "bernoulli", 2)
     mlp = lambda *s: sum(a * b + b for a, b in zip(s[:-1], s[1:]))  # noqa: E731
     assert sum(p.numel() for p in one.parameters()) == mlp(784, 200, 200, 100) + mlp(50, 200, 200, 784)
     assert sum(p.numel() for p in two.parameters()) == (mlp(784, 200, 200, 200) + mlp(100, 100, 100, 100)

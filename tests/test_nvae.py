@@ -13,11 +13,11 @@ import nvae
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
-def tiny_model(shape=(1, 8, 8), kind="binary", seed=0, **kw) -> nvae.NVAE:
+def tiny_model(shape=(1, 8, 8), likelihood="bernoulli", seed=0, **kw) -> nvae.NVAE:
     """Two scales of two groups (4x4 and 2x2 latents after one pre-processing halving), a few thousand weights."""
     torch.manual_seed(seed)
     config = dict(channels=4, pre_blocks=1, scales=2, groups=2, z_channels=2, cells=1, expansion=2, mixtures=3)
-    model = nvae.NVAE(shape, kind, **{**config, **kw})
+    model = nvae.NVAE(shape, likelihood, **{**config, **kw})
     # move the BN statistics and affine parameters off their identity initialization so the test sees them
     model.train()
     with torch.no_grad():
@@ -331,7 +331,7 @@ def test_loss_is_the_negative_elbo_after_warm_up_and_balanced_during_it():
 
 
 def test_gradients_reach_every_parameter():
-    model, x = tiny_model(kind="8bit", shape=(3, 8, 8)), torch.randint(0, 256, (4, 3, 8, 8)).double() / 255
+    model, x = tiny_model(likelihood="discretized_logistic_mixture", shape=(3, 8, 8)), torch.randint(0, 256, (4, 3, 8, 8)).double() / 255
     model.train()
     loss, _ = model(x, kl_weight=1.0, sr_weight=1e-2)
     loss.backward()
@@ -343,7 +343,7 @@ def test_gradients_reach_every_parameter():
 def test_default_configuration_shapes_and_size():
     args = nvae.Args()
     torch.manual_seed(0)
-    model = nvae.NVAE((1, 28, 28), "binary", args.channels, args.pre_blocks, args.scales, args.groups,
+    model = nvae.NVAE((1, 28, 28), "bernoulli", args.channels, args.pre_blocks, args.scales, args.groups,
                       args.z_channels, args.cells, args.expansion, args.mixtures).eval()
     assert model.padded == (32, 32) and model.pad == (2, 2, 2, 2)
     x = binary_images(3, (1, 28, 28))
@@ -359,7 +359,7 @@ def test_default_configuration_shapes_and_size():
 
 
 def test_rgb_mixture_shapes():
-    model = tiny_model(shape=(3, 12, 12), kind="8bit", mixtures=5)  # 12 pads to 12 (a multiple of 4)
+    model = tiny_model(shape=(3, 12, 12), likelihood="discretized_logistic_mixture", mixtures=5)  # 12 pads to 12 (a multiple of 4)
     x = torch.randint(0, 256, (2, 3, 12, 12)).double() / 255
     params, groups = model.top_down(model.encode(x))
     assert params.shape == (2, nvae.mixture_params_per_pixel(3, 5), 12, 12) == (2, 50, 12, 12)

@@ -78,13 +78,13 @@ def test_paper_presets_build_the_paper_models():
     sizes = (args.channels, args.scales, args.groups, args.z_channels, args.cells, args.epochs)
     assert sizes == (32, 2, 5, 20, 1, 1)
     torch.manual_seed(0)
-    model = nvae.NVAE((1, 28, 28), "binary", args.channels, args.pre_blocks, args.scales, args.groups,
+    model = nvae.NVAE((1, 28, 28), "bernoulli", args.channels, args.pre_blocks, args.scales, args.groups,
                       args.z_channels, args.cells, args.expansion, args.mixtures).eval()
     params, groups = model.top_down(model.encode(torch.zeros(2, 1, 28, 28)))
     assert params.shape == (2, 1, 28, 28) and len(groups) == 10
     assert [g["z"].shape[-1] for g in groups] == [4] * 5 + [8] * 5  # the paper's 4x4 and 8x8 latents
     args = common.parse_args(nvae.Args, ["--paper-cifar10"], presets)
-    model = nvae.NVAE((3, 32, 32), "8bit", args.channels, args.pre_blocks, args.scales, args.groups,
+    model = nvae.NVAE((3, 32, 32), "discretized_logistic_mixture", args.channels, args.pre_blocks, args.scales, args.groups,
                       args.z_channels, args.cells, args.expansion, args.mixtures)
     assert model.num_groups == 30 and tuple(model.h0.shape[2:]) == (16, 16)  # 30 groups of 20 x 16 x 16
     assert model.head[-1].out_channels == 100  # 10 logistics: 10 x (1 + 3 + 3 + 3)

@@ -129,7 +129,7 @@ def test_importance_sampling_tightens_with_k_towards_log_px():
 def test_model_evaluation_is_exact_for_a_vae_holding_the_true_posterior():
     """The chunked evaluate() path through VAE.encode/decode: exact when q is the true posterior."""
     lg = LinearGaussian()
-    model = vae.VAE((lg.D,), "toy", hidden=8, latent=lg.d)
+    model = vae.VAE((lg.D,), "gaussian", hidden=8, latent=lg.d)
     A = lg.W / lg.s2 * (1 / (1 + (lg.W**2).sum(0) / lg.s2))  # mu = (x - b) @ A
     _, logvar = lg.posterior(lg.b[None])
     model.encoder = nn.Sequential(nn.Linear(lg.D, 2 * lg.d))
@@ -167,7 +167,7 @@ def test_bernoulli_and_gaussian_match_torch_distributions():
     x, logits = torch.bernoulli(torch.full((4, 10), 0.5)), torch.randn(4, 1, 10) * 5
     expected = torch.distributions.Bernoulli(logits=logits[:, 0]).log_prob(x).sum(-1)
     assert torch.allclose(vae.bernoulli_log_prob(x, logits[:, 0]), expected)
-    assert torch.allclose(vae.LIKELIHOODS["binary"][0](x, logits), expected)  # the decoder's params (B, 1, D)
+    assert torch.allclose(vae.LIKELIHOODS["bernoulli"][0](x, logits), expected)  # the decoder's params (B, 1, D)
     y, params = torch.randn(4, 3), torch.randn(4, 2, 3)
     expected = torch.distributions.Normal(params[:, 0], (0.5 * params[:, 1]).exp()).log_prob(y).sum(-1)
     assert torch.allclose(vae.gaussian_log_prob(y, params), expected)
@@ -176,7 +176,7 @@ def test_bernoulli_and_gaussian_match_torch_distributions():
 # ---------------------------------------------------------------------------------------------- collapse remedies
 def test_min_rate_commits_every_dimension_to_a_kl_floor():
     for rate in (0.1, 0.5, 2.0):
-        model = vae.VAE((1, 28, 28), "binary", latent=8, min_rate=rate)
+        model = vae.VAE((1, 28, 28), "bernoulli", latent=8, min_rate=rate)
         x = torch.rand(64, 1, 28, 28)
         for p in model.encoder.parameters():
             nn.init.normal_(p, std=3.0)  # wild encoders too
@@ -189,7 +189,7 @@ def test_min_rate_commits_every_dimension_to_a_kl_floor():
 
 def test_free_bits_replace_small_kl_terms_by_the_floor():
     torch.manual_seed(0)
-    model = vae.VAE((1, 28, 28), "binary", latent=8)
+    model = vae.VAE((1, 28, 28), "bernoulli", latent=8)
     x = torch.bernoulli(torch.rand(32, 1, 28, 28))
     torch.manual_seed(1)
     loss_plain, metrics = model(x)
