@@ -72,7 +72,12 @@ class Interrupted(Exception):
 # Args: a @dataclass whose fields carry a trailing `# help` comment becomes an argparse command line
 # ----------------------------------------------------------------------------------------------------------
 def _field_comments(cls: type) -> dict[str, str]:
-    """Map each field of a dataclass to the comment at the end of its line (empty when the source is missing)."""
+    """Map each field of a dataclass to the comment at the end of its line (empty when the source is missing).
+
+    A comment may go on over the next lines, each a comment alone indented deeper than the field:
+        hidden: int = 0  # units of the hidden layers
+                         # (0: the paper's); >= 0
+    """
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
@@ -80,11 +85,20 @@ def _field_comments(cls: type) -> dict[str, str]:
     lines = {}
     for node in ast.parse(source).body[0].body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            lines[node.lineno] = node.target.id
-    comments = {}
+            lines[node.lineno] = (node.target.id, node.col_offset)
+    comments, field, column, last = {}, None, 0, 0
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT and tok.start[0] in lines:
-            comments[lines[tok.start[0]]] = tok.string.lstrip("#").strip()
+        if tok.type != tokenize.COMMENT:
+            continue
+        row, col = tok.start
+        text = tok.string.lstrip("#").strip()
+        if row in lines:  # a field's own line
+            (field, column), last = lines[row], row
+            comments[field] = text
+        elif field is not None and row == last + 1 and col > column:  # its comment goes on
+            comments[field], last = f"{comments[field]} {text}", row
+        else:
+            field = None
     return comments
 
 

@@ -87,6 +87,25 @@ def test_help_shows_field_comment_and_default(capsys):
     assert "--no-flag" in text and "a switch (default: False)" in text
 
 
+@dataclass
+class WrappedArgs:
+    steps: int = 10  # optimizer steps, a comment long enough
+                     # to go on over two lines; >= 1
+    # a section comment at the fields' indentation belongs to no field
+    lr: float = 0.1  # learning rate; > 0
+    width: int = 4  # hidden units
+    # not a continuation: not indented deeper than the field
+
+
+def test_a_field_comment_goes_on_over_deeper_indented_comment_lines(capsys):
+    docs = common._field_comments(WrappedArgs)
+    assert docs == {"steps": "optimizer steps, a comment long enough to go on over two lines; >= 1",
+                    "lr": "learning rate; > 0", "width": "hidden units"}
+    with pytest.raises(SystemExit) as e:  # the range on the continuation line is checked
+        common.parse_args(WrappedArgs, ["--steps", "0"])
+    assert e.value.code == 2 and "argument --steps: must be >= 1 (got 0)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- device
 def test_device_autodetect_and_override():
     assert common.get_device("cpu").type == "cpu"
