@@ -10,6 +10,7 @@ LSTM along the diagonals in both directions (Diagonal BiLSTM). The test NLL is e
     python pixelcnn.py --arch pixelcnn --epochs 6 --eval-n 1000   # CPU recipe: 30 minutes (binarized MNIST)
     python pixelcnn.py --arch rowlstm --steps 5000 --eval-n 1000   # CPU recipe: 30 minutes
     python pixelcnn.py --arch diagbilstm --steps 2800 --eval-n 1000   # CPU recipe: 30 minutes
+    python pixelcnn.py --dataset mnist --arch pixelcnn --epochs 4 --eval-n 1000   # CPU recipe: 30 min, 8-bit
     python pixelcnn.py                                          # PixelCNN, binarized MNIST: 7 layers, h = 16
     python pixelcnn.py --arch diagbilstm                        # the paper's best MNIST model, one epoch
     python pixelcnn.py --arch rowlstm --epochs 2
