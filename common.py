@@ -2,9 +2,9 @@
 
 Data (download, checksums, parsers, in-memory tensors, random batches), 2D toy sets with exact densities and
 entropies, devices and seeds, torchrun / DistributedDataParallel, units (nats, bits/dim), PNG images, and run
-folders with checkpoints that resume exactly. Nothing here implements a paper's equations: the model files keep
-their model, objective and sampler self-contained, so a class copied out of them needs only torch, numpy and
-einops.
+folders with checkpoints that resume exactly. Nothing here implements a paper's equations: the model files
+keep their model, objective and sampler self-contained, so a class copied out of them needs only torch, numpy
+and einops.
 """
 import argparse
 import ast
@@ -105,13 +105,15 @@ def _field_comments(cls: type) -> dict[str, str]:
 # A field's comment may end with its valid range, checked before anything runs:
 #     batch_size: int = 128  # minibatch per process; >= 1
 #     decay: float = 0.99  # EMA decay; in [0, 1)
-_BOUND = re.compile(r";\s*(?:(?P<op>>=|>)\s*(?P<low>\S+)|in\s*(?P<lb>[\[(])\s*(?P<lo>[^,\s]+)\s*,\s*(?P<hi>[^\])\s]+)"
-                    r"\s*(?P<rb>[\])]))\s*$")
+_BOUND = re.compile(
+    r";\s*(?:(?P<op>>=|>)\s*(?P<low>\S+)|in\s*(?P<lb>[\[(])\s*(?P<lo>[^,\s]+)\s*,\s*(?P<hi>[^\])\s]+)"
+    r"\s*(?P<rb>[\])]))\s*$")
 
 
 @dataclass(frozen=True)
 class Bound:
-    """A closed or open interval [low, high] / (low, high) of valid values; `text` is how the comment says it."""
+    """A closed or open interval [low, high] / (low, high) of valid values; `text` is how the
+    comment says it."""
 
     low: float
     high: float
@@ -159,7 +161,8 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint, 
 
 
 def _check_bounds(parser: argparse.ArgumentParser, args, docs: dict[str, str]) -> None:
-    """argparse's own error (usage, one `error:` line, exit 2) for the first value outside its field's range."""
+    """argparse's own error (usage, one `error:` line, exit 2) for the first value outside its
+    field's range."""
     for field in dataclasses.fields(args):
         bound = field_bound(docs.get(field.name, ""))
         value = getattr(args, field.name)
@@ -200,7 +203,8 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict[str, dict
 
 def toy_or_image(image: dict, toy: dict, default_dataset: str):
     """A preset for `parse_args` that depends on the dataset: `toy` on a 2D toy, `image` otherwise."""
-    return lambda given: toy if given.get("dataset", image.get("dataset", default_dataset)) in TOY_DATASETS else image
+    return lambda given: (toy if given.get("dataset", image.get("dataset", default_dataset)) in TOY_DATASETS
+                          else image)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +269,8 @@ class Dist:
 
 
 def setup(args) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by torchrun, set the CPU threads, pick the device, seed this rank."""
+    """Join the process group when launched by torchrun, set the CPU threads, pick the device, seed
+    this rank."""
     dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(args, "threads", 0):  # 0 keeps torch's default (one per core, or $OMP_NUM_THREADS)
@@ -330,7 +335,8 @@ def broadcast_flag(flag: bool, dist: Dist) -> bool:
     """Rank 0's decision, for every rank (e.g. a schedule switched by an evaluation only rank 0 ran)."""
     if not dist.enabled:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else "cpu"
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl"
+              else "cpu")
     value = torch.tensor([float(flag)], device=device)
     torch_dist.broadcast(value, src=0)
     return bool(value.item())
@@ -717,13 +723,15 @@ def load_arrays(name: str, data_dir) -> dict[str, np.ndarray | None]:
 # Each set is a proper continuous distribution, so KL(data || model) = test NLL - TOY_ENTROPY[name] in nats.
 # ---------------------------------------------------------------------------------------------------------
 
-TOY_DATASETS: tuple[str, ...] = ("8gaussians", "checkerboard", "two_moons", "swissroll", "pinwheel", "circles")
+TOY_DATASETS: tuple[str, ...] = ("8gaussians", "checkerboard", "two_moons", "swissroll", "pinwheel",
+                                 "circles")
 
 # Differential entropies in nats. Non-closed-form values: toy_entropy_by_quadrature of tests/toy_densities.py
 # (midpoint rule on [-L, L]^2) at steps h = 0.04 / 0.02 / 0.01, plus h = 0.02 with L + 1 to check the tails;
 # "spread" is the largest difference among those runs. Smooth densities converge spectrally in h.
 TOY_ENTROPY: dict[str, float] = {
-    "8gaussians": 2.831880406138,  # quadrature, spread < 1e-13 (< log 8 + 1 + log(2 pi s^2) = 2.83818: overlap)
+    # quadrature, spread < 1e-13 (< log 8 + 1 + log(2 pi s^2) = 2.83818: overlap)
+    "8gaussians": 2.831880406138,
     "checkerboard": math.log(32.0),  # exact: uniform on 8 squares of side 2 (area 32)
     "two_moons": 2.393879195966,  # quadrature, spread 1e-13 (density: 2 x 512-node Gauss-Legendre in t)
     "swissroll": 2.669646173882,  # quadrature, spread 6e-13 (density: 1536-node Gauss-Legendre in t)
@@ -732,7 +740,8 @@ TOY_ENTROPY: dict[str, float] = {
     "circles": 3.268135711706,  # quadrature, spread < 1e-13 (density: Bessel closed form)
 }
 
-# FFJORD lib/toy_data.py: 8 centers at radius 4 (compass directions), std 0.5, all divided by 1.414 (not sqrt 2)
+# FFJORD lib/toy_data.py: 8 centers at radius 4 (compass directions), std 0.5, all divided by 1.414
+# (not sqrt 2)
 GAUSS8_SCALE = 1.414
 GAUSS8_RADIUS = 4.0 / GAUSS8_SCALE
 GAUSS8_STD = 0.5 / GAUSS8_SCALE
@@ -744,7 +753,8 @@ SWISS_T_RANGE = (1.5 * math.pi, 4.5 * math.pi)
 SWISS_SCALE, SWISS_STD = 5.0, 1.0 / 5.0
 # FFJORD: make_circles(factor=0.5, noise=0.08) * 3: rings of radius 3 and 1.5, noise std 0.24
 CIRCLES_RADII, CIRCLES_STD = (3.0, 1.5), 0.24
-# FFJORD pinwheel: 5 classes, features (r, tau) ~ N((1, 0), diag(0.3^2, 0.1^2)), angle rad_k + 0.25 exp(r), x 2
+# FFJORD pinwheel: 5 classes, features (r, tau) ~ N((1, 0), diag(0.3^2, 0.1^2)),
+# angle rad_k + 0.25 exp(r), x 2
 PIN_CLASSES, PIN_RADIAL_STD, PIN_TANGENTIAL_STD, PIN_RATE, PIN_SCALE = 5, 0.3, 0.1, 0.25, 2.0
 
 
@@ -804,7 +814,8 @@ def _sample64(name: str, n: int, g: torch.Generator | None) -> torch.Tensor:
         x2 = _u(n, g) - 2 * _pick(n, 2, g) + torch.remainder(torch.floor(x1), 2)
         return 2 * torch.stack([x1, x2], dim=1)
     if name == "two_moons":
-        # sklearn spaces t evenly on [0, pi]; here t ~ U[0, pi] and the moon ~ Bernoulli(1/2) (a proper density)
+        # sklearn spaces t evenly on [0, pi]; here t ~ U[0, pi] and the moon ~ Bernoulli(1/2)
+        # (a proper density)
         return _moon_centers(math.pi * _u(n, g), _pick(n, 2, g)) + MOONS_STD * _z(n, g)
     if name == "swissroll":
         lo, hi = SWISS_T_RANGE
@@ -860,7 +871,8 @@ def default_data_dir() -> str:
 
 
 def dataset_kind(name: str) -> str:
-    """"toy", "binary" or "8bit" from the name alone, so a model file can refuse a dataset before loading it."""
+    """"toy", "binary" or "8bit" from the name alone, so a model file can refuse a dataset before
+    loading it."""
     if name in TOY_DATASETS:
         return "toy"
     if name not in IMAGE_DATASETS:
@@ -910,23 +922,27 @@ class Batches:
         self.dist, self.binarize = dist or Dist(), binarize
         self.steps_per_epoch = len(x) // (batch_size * self.dist.world_size)
         if self.steps_per_epoch == 0:
-            raise RunError(f"batch size {batch_size} x {self.dist.world_size} ranks exceeds the {len(x)} examples")
+            raise RunError(
+                f"batch size {batch_size} x {self.dist.world_size} ranks exceeds the {len(x)} examples")
         self._epoch, self._perm = -1, None
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(len(self.x), generator=generator).to(self.x.device)
+            self._epoch, self._perm = (epoch,
+                                       torch.randperm(len(self.x), generator=generator).to(self.x.device))
         start = (i * self.dist.world_size + self.dist.rank) * self.batch_size
         index = self._perm[start : start + self.batch_size]
         x = self.x[index]
         if self.binarize:  # dynamic binarization: a fresh Bernoulli draw from the intensities
-            x = (torch.rand_like(x) < x).to(x.dtype)  # same law as torch.bernoulli, several times faster on CPU
+            # same law as torch.bernoulli, several times faster on CPU
+            x = (torch.rand_like(x) < x).to(x.dtype)
         return x, None if self.y is None else self.y[index]
 
     def random(self) -> torch.Tensor:
-        """A batch drawn uniformly with replacement from the global RNG, for inner loops that need extra data."""
+        """A batch drawn uniformly with replacement from the global RNG, for inner loops that need
+        extra data."""
         index = torch.randint(len(self.x), (self.batch_size,), device=self.x.device)
         return torch.bernoulli(self.x[index]) if self.binarize else self.x[index]
 
@@ -947,7 +963,8 @@ def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int, bin_width: float
 
 
 def uniform_dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """8-bit data k/255 in [0, 1] -> (k + u) / 256 with u ~ U[0, 1): a density over [0, 1)^D, bins 1/256 wide."""
+    """8-bit data k/255 in [0, 1] -> (k + u) / 256 with u ~ U[0, 1): a density over [0, 1)^D, bins
+    1/256 wide."""
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (torch.round(x * 255) + noise) / 256
 
@@ -1069,7 +1086,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except Exception as e:  # a truncated file, a foreign pickle: torch's hint to load unsafely is not for us
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         reason = "it holds objects other than tensors and plain values" if "weights_only" in first else first
-        raise RunError(f"cannot read checkpoint {path}: not a valid checkpoint of this project ({reason})") from None
+        raise RunError(
+            f"cannot read checkpoint {path}: not a valid checkpoint of this project ({reason})") from None
     if not isinstance(ckpt, dict):
         raise RunError(f"cannot read checkpoint {path}: not a valid checkpoint of this project (not a dict)")
     return ckpt
@@ -1078,7 +1096,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 class _Stop:
     """Ctrl-C and SIGTERM for the whole command. Inside a training loop the first one asks the loop to stop
     after the current step (it checkpoints, then raises Interrupted); anywhere else (loading data, an
-    evaluation), and for the second Ctrl-C always, Interrupted is raised at once. The last checkpoint is kept."""
+    evaluation), and for the second Ctrl-C always, Interrupted is raised at once. The last
+    checkpoint is kept."""
 
     requested, in_loop, installed = False, False, 0
     run: "Run | None" = None
@@ -1150,7 +1169,8 @@ class Run:
 
     def _check_folder(self) -> None:
         """Refuse, before writing anything, a --resume with nothing to resume and a start over an earlier run.
-        A folder without a checkpoint (a first attempt that failed before its first checkpoint) is not a run."""
+        A folder without a checkpoint (a first attempt that failed before its first checkpoint) is
+        not a run."""
         if self.dir.exists() and not self.dir.is_dir():
             raise RunError(f"--out {self.dir} is a file, not a folder")
         if self.args.resume and not self.checkpoint_path.exists():
@@ -1258,8 +1278,9 @@ class Run:
                     if self._stop_now(step):
                         self._flush(step)
                         self.save(step + 1)
-                        raise Interrupted(f"stopped at step {step + 1}; checkpoint saved in {self.checkpoint_path}, "
-                                          f"continue with --resume")
+                        raise Interrupted(
+                            f"stopped at step {step + 1}; checkpoint saved in {self.checkpoint_path}, "
+                            f"continue with --resume")
                     if (step + 1) % self.args.log_every == 0 or (step + 1) % self.args.ckpt_every == 0:
                         self._flush(step)
                     if (step + 1) % self.args.ckpt_every == 0:
@@ -1273,7 +1294,8 @@ class Run:
                     bar.close()
 
     def _update_bar(self, bar) -> None:
-        """One step on the bar; the running mean loss of this log interval at most once a second (one sync)."""
+        """One step on the bar; the running mean loss of this log interval at most once a second
+        (one sync)."""
         bar.update(1)
         now = time.time()
         if now - self._bar_t >= 1.0 and self._count and "loss" in self._sums:
@@ -1299,7 +1321,8 @@ class Run:
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
         loss = metrics["loss"].detach()
         bad = torch.where(torch.isfinite(loss), -1, step)
-        self._first_bad = bad if self._first_bad is None else torch.where(self._first_bad >= 0, self._first_bad, bad)
+        self._first_bad = (bad if self._first_bad is None
+                           else torch.where(self._first_bad >= 0, self._first_bad, bad))
         self._count += 1
 
     def _flush(self, step: int) -> None:
@@ -1343,9 +1366,9 @@ class Run:
 
 
 def progress(items, desc: str, total: int | None = None, unit: str = "img"):
-    """Yield from `items` with a progress bar on stderr saying what is computed ("10,000 test images x k = 1000"),
-    advanced by the rows of each tensor (or by 1). For evaluations and samplers that take more than a few
-    seconds; no bar when stderr is not a terminal (log files, tests)."""
+    """Yield from `items` with a progress bar on stderr saying what is computed
+    ("10,000 test images x k = 1000"), advanced by the rows of each tensor (or by 1). For evaluations and
+    samplers that take more than a few seconds; no bar when stderr is not a terminal (log files, tests)."""
     if tqdm is None or not sys.stderr.isatty():
         yield from items
         return
@@ -1356,7 +1379,8 @@ def progress(items, desc: str, total: int | None = None, unit: str = "img"):
 
 
 def steps_bar(what: str):
-    """For a sampler's `progress` argument (a function wrapping its loop): a bar over the steps saying what is drawn."""
+    """For a sampler's `progress` argument (a function wrapping its loop): a bar over the steps saying what
+    is drawn."""
     return lambda steps: progress(steps, what, len(steps), unit="step")
 
 
@@ -1379,8 +1403,8 @@ def cpu_recipes(doc: str) -> list[str]:
 
 def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | None = None) -> None:
     """Parse arguments, train, and turn the expected failures into one clear line and an exit code:
-    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM. After a --quick run on
-    images (a smoke test) the last line is the docstring's command marked "# CPU recipe"."""
+    2 for bad input (data, run folder, checkpoint, file system), 130 for Ctrl-C / SIGTERM. After a --quick run
+    on images (a smoke test) the last line is the docstring's command marked "# CPU recipe"."""
     args = parse_args(args_cls, argv, presets)
     recipe = cpu_recipes(sys.modules[args_cls.__module__].__doc__ or "")
     _Stop.run = None
@@ -1390,9 +1414,10 @@ def cli(train, args_cls: type, presets: dict | None = None, argv: list[str] | No
         if _Stop.run is not None and Dist(int(os.environ.get("RANK", 0))).is_main:
             print(f"run folder: {_Stop.run.dir}", file=sys.stderr)
             # images only: a dataset left "" is resolved by the file later (flows: a toy for its default task)
-            if recipe and getattr(args, "quick", False) and getattr(args, "dataset", "") not in ("", *TOY_DATASETS):
-                print(f"--quick on images is a smoke test, too short to learn; recognizable samples in 30 minutes "
-                      f"on a CPU: {recipe[0]}", file=sys.stderr)
+            if (recipe and getattr(args, "quick", False)
+                    and getattr(args, "dataset", "") not in ("", *TOY_DATASETS)):
+                print(f"--quick on images is a smoke test, too short to learn; recognizable samples "
+                      f"in 30 minutes on a CPU: {recipe[0]}", file=sys.stderr)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

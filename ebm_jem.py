@@ -1,11 +1,12 @@
-"""Energy-based models trained with Langevin samples: Du & Mordatch 2019, "Implicit Generation and Modeling with
-Energy-Based Models", arXiv:1903.08689; and JEM, Grathwohl, Wang, Jacobsen, Duvenaud, Norouzi & Swersky 2020,
-"Your Classifier is Secretly an Energy Based Model and You Should Treat it Like One", arXiv:1912.03263.
+"""Energy-based models trained with Langevin samples: Du & Mordatch 2019, "Implicit Generation and Modeling
+with Energy-Based Models", arXiv:1903.08689; and JEM, Grathwohl, Wang, Jacobsen, Duvenaud, Norouzi & Swersky
+2020, "Your Classifier is Secretly an Energy Based Model and You Should Treat it Like One", arXiv:1912.03263.
 
-p(x) = exp(-E(x)) / Z. The gradient of the NLL is E_data[grad E] - E_p[grad E] (the second term is grad log Z),
-estimated with samples of stochastic gradient Langevin dynamics (Welling & Teh 2011) started from a replay
-buffer of earlier samples, 5% of them re-initialized with noise. JEM reads a classifier's logits f(x) as an
-energy, E(x) = -logsumexp_y f(x)[y], and trains log p(y|x) + log p(x) with the same sampler.
+p(x) = exp(-E(x)) / Z. The gradient of the NLL is E_data[grad E] - E_p[grad E] (the second term is
+grad log Z), estimated with samples of stochastic gradient Langevin dynamics (Welling & Teh 2011) started
+from a replay buffer of earlier samples, 5% of them re-initialized with noise. JEM reads a classifier's
+logits f(x) as an energy, E(x) = -logsumexp_y f(x)[y], and trains log p(y|x) + log p(x) with the same
+sampler.
 
     python ebm_jem.py --quick                                  # JEM on MNIST, a few seconds on a CPU
     python ebm_jem.py --model jem --dataset mnist              # JEM: accuracy, ECE, OOD AUROC, samples
@@ -41,9 +42,9 @@ Deviations from the papers:
 - A divergence guard (not in the papers): when |E| exceeds --max-energy the run stops with the last good
   checkpoint, exit code 2.
 
-Expected result (2 CPU cores shared with other jobs, one thread): in 2000 steps (under 5 minutes) the grid test
-NLL is 2.897 nats on 8gaussians (KL to the data 0.065; 0.033 with --reinit 0.005) and 2.564 on two_moons (KL
-0.170), 3.792 on checkerboard (KL 0.326). JEM on MNIST, 300 steps (6 minutes): test accuracy 90.7%, ECE
+Expected result (2 CPU cores shared with other jobs, one thread): in 2000 steps (under 5 minutes) the grid
+test NLL is 2.897 nats on 8gaussians (KL to the data 0.065; 0.033 with --reinit 0.005) and 2.564 on two_moons
+(KL 0.170), 3.792 on checkerboard (KL 0.326). JEM on MNIST, 300 steps (6 minutes): test accuracy 90.7%, ECE
 0.313, AUROC against uniform noise 1.000, digit-like class-conditional samples. README.md has the measured
 numbers with their commands.
 """
@@ -71,13 +72,17 @@ class Args:
     batch_size: int = 64  # data minibatch and SGLD chains per step (JEM: 64); >= 1
     lr: float = 1e-4  # Adam learning rate (JEM: 1e-4); > 0
     lr_decay: bool = False  # cosine decay of the learning rate to 0 over --steps (not in the papers)
-    energy_reg: float = 0.0  # alpha of the L2 penalty alpha (E(x+)^2 + E(x-)^2) (Du & Mordatch: 1; JEM: 0); >= 0
+    energy_reg: float = 0.0  # alpha of the L2 penalty alpha (E(x+)^2 + E(x-)^2) (Du & Mordatch: 1;
+                             # JEM: 0); >= 0
     sgld_steps: int = 20  # SGLD steps per training step (JEM: 20); >= 1
-    sgld_step: float = 50.0  # SGLD step size in x <- x - (step/2) grad E + noise eps (JEM's code: 2; see above); > 0
+    sgld_step: float = 50.0  # SGLD step size in x <- x - (step/2) grad E + noise eps (JEM's code: 2;
+                             # see above); > 0
     sgld_noise: float = 0.01  # std of the SGLD noise (JEM: 0.01; Langevin proper: sqrt(step)); >= 0
     buffer_size: int = 10000  # replay buffer size (JEM: 10000); >= 1
-    reinit: float = 0.05  # fraction of chains re-initialized from noise each step (JEM, Du & Mordatch: 0.05); in [0, 1]
-    data_noise: float = 0.03  # std of Gaussian noise added to training data in [-1, 1] units (JEM: 0.03); >= 0
+    reinit: float = 0.05  # fraction of chains re-initialized from noise each step (JEM, Du & Mordatch:
+                          # 0.05); in [0, 1]
+    data_noise: float = 0.03  # std of Gaussian noise added to training data in [-1, 1] units
+                              # (JEM: 0.03); >= 0
     grid_lim: float = 5.0  # 2D toys: the model lives on the box [-lim, lim]^2 (covers every toy set); > 0
     grid_n: int = 500  # 2D toys: grid cells per side for log Z; >= 2
     max_energy: float = 1e4  # divergence guard: stop when any |E| of data or samples exceeds this; > 0
@@ -98,7 +103,8 @@ class Args:
     out: str = ""  # run folder (default: runs/ebm_jem-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # a few seconds on a CPU: 20 steps of 5 SGLD steps, 200 test images, small grid, OOD noise only
+    quick: bool = False  # a few seconds on a CPU: 20 steps of 5 SGLD steps, 200 test images, small grid,
+                         # OOD noise only
 
 
 QUICK = dict(steps=20, batch_size=32, sgld_steps=5, buffer_size=500, eval_n=200, eval_every=0, log_every=10,
@@ -446,9 +452,10 @@ def train(args: Args) -> dict:
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, args.seed, dist,
                              binarize=data.dynamic_binarization)
     total, eval_every = args.steps, args.eval_every or args.steps
-    run.print(f"ebm_jem: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {data.name} "
-              f"{data.shape}, {total} steps of {args.batch_size} x {dist.world_size} with {args.sgld_steps} "
-              f"SGLD steps, device {device}")
+    run.print(
+        f"ebm_jem: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {data.name} "
+        f"{data.shape}, {total} steps of {args.batch_size} x {dist.world_size} with {args.sgld_steps} "
+        f"SGLD steps, device {device}")
 
     peak = torch.zeros((), device=device)  # largest |E| since the last divergence check, kept on the device
     for step in run.steps(start, total, args.batch_size * dist.world_size):

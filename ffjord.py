@@ -2,36 +2,40 @@
 Grathwohl et al. 2019, "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models",
 arXiv:1810.01367.
 
-A neural ODE dz/dt = f(z, t) carries data x = z(0) to z(T) ~ N(0, I) (the direction of FFJORD's code; the paper's
-Fig. 1 puts the base at t0), and sampling solves it backwards from T to 0. The log-density changes along the path
-by d log p(z(t))/dt = -tr(df/dz) (Chen et al., Theorem 1), integrated jointly with z by an adaptive solver; FFJORD
-estimates the trace with Hutchinson's estimator e^T (df/dz) e (one vector-Jacobian product per evaluation).
+A neural ODE dz/dt = f(z, t) carries data x = z(0) to z(T) ~ N(0, I) (the direction of FFJORD's code; the
+paper's Fig. 1 puts the base at t0), and sampling solves it backwards from T to 0. The log-density changes
+along the path by d log p(z(t))/dt = -tr(df/dz) (Chen et al., Theorem 1), integrated jointly with z by an
+adaptive solver; FFJORD estimates the trace with Hutchinson's estimator e^T (df/dz) e (one vector-Jacobian
+product per evaluation).
 
     python ffjord.py --quick                             # about a minute on a CPU: 8gaussians, its 8 modes
     python ffjord.py --dataset 8gaussians                # 10,000 steps of the 64-64-64 concat-squash MLP
     python ffjord.py --dataset checkerboard --kinetic 0.01 --jacobian 0.01    # RNODE regularizers
-    python ffjord.py --dataset mnist --blocks 2 --warmup 1000 --epochs 1000 --adjoint   # the paper's MNIST setup
+    python ffjord.py --dataset mnist --blocks 2 --warmup 1000 --epochs 1000 --adjoint
+                                                         # the paper's MNIST setup
     torchrun --nproc_per_node=4 ffjord.py --dataset mnist --blocks 2 --warmup 1000 --adjoint --batch-size 50
 
 Toys and vectors: a stack of --blocks CNFs with concat-squash layers, reported in nats and KL(data || model) =
 NLL - H(data), evaluated with the exact trace. 8-bit images: uniform dequantization (k + u) / 256, the logit
-transform and FFJORD's multiscale architecture (concat conv layers; squeeze and factor out half the channels at
-every scale), trained and evaluated with Hutchinson's estimator, reported in bits/dim. Options: the adjoint
+transform and FFJORD's multiscale architecture (concat conv layers; squeeze and factor out half the channels
+at every scale), trained and evaluated with Hutchinson's estimator, reported in bits/dim. Options: the adjoint
 method (--adjoint), Gaussian probes (--noise gaussian), the kinetic-energy and Jacobian-Frobenius regularizers
 of Finlay et al. 2020 ("How to train your neural ODE", arXiv:2002.02798). Every log line has the number of
 function evaluations of the forward solve and of the backward pass (nonzero with --adjoint only).
 
 Deviations from the paper:
 - The integration time T is fixed (--time-length 1.0); FFJORD learns it (train_T).
-- Gradients backpropagate through the solver's steps by default (fewer function evaluations, memory growing with
-  the steps); FFJORD always used the adjoint method, here --adjoint (same gradients up to solver tolerance).
-- Toys are evaluated with the exact trace (D backward passes per evaluation), FFJORD's test loss used Hutchinson;
-  both estimate the same log p(x), the exact one without variance.
+- Gradients backpropagate through the solver's steps by default (fewer function evaluations, memory growing
+  with the steps); FFJORD always used the adjoint method, here --adjoint (same gradients up to
+  solver tolerance).
+- Toys are evaluated with the exact trace (D backward passes per evaluation), FFJORD's test loss used
+  Hutchinson; both estimate the same log p(x), the exact one without variance.
 - No tabular (POWER, GAS, ...) loaders here: the MLP takes vectors of any D (the tests use D = 2, 3, 4, 5).
 - --amp is not offered: adaptive step-size control at tolerance 1e-5 needs at least float32.
 
-Expected result: the paper reports 0.99 bits/dim on MNIST (days of GPU time). README.md's rows ffjord-8gaussians,
-ffjord-two_moons and ffjord-mnist have the measured figures, wall times and pictures with their commands.
+Expected result: the paper reports 0.99 bits/dim on MNIST (days of GPU time). README.md's rows
+ffjord-8gaussians, ffjord-two_moons and ffjord-mnist have the measured figures, wall times and pictures with
+their commands.
 """
 
 import math
@@ -59,10 +63,13 @@ class Args:
     atol: float = 1e-5  # solver absolute tolerance (FFJORD: 1e-5); > 0
     step_size: float = 0.0  # step of fixed-grid solvers such as rk4 (0: the solver's default); >= 0
     adjoint: bool = False  # gradients by the adjoint ODE (memory O(1) in the steps, more evaluations)
-    noise: Literal["rademacher", "gaussian"] = "rademacher"  # Hutchinson probe distribution (FFJORD: rademacher)
+    noise: Literal["rademacher", "gaussian"] = "rademacher"  # Hutchinson probe distribution
+                                                             # (FFJORD: rademacher)
     exact_trace: bool = False  # train with the exact trace (D backward passes per evaluation) instead
-    kinetic: float = 0.0  # lambda_K of the kinetic energy int ||f||^2 dt (Finlay et al. 2020: 0.01; 0: off); >= 0
-    jacobian: float = 0.0  # lambda_J of the Jacobian Frobenius norm int ||e^T df/dz||^2 dt (RNODE: 0.01; 0: off); >= 0
+    kinetic: float = 0.0  # lambda_K of the kinetic energy int ||f||^2 dt (Finlay et al. 2020: 0.01;
+                          # 0: off); >= 0
+    jacobian: float = 0.0  # lambda_J of the Jacobian Frobenius norm int ||e^T df/dz||^2 dt (RNODE: 0.01;
+                           # 0: off); >= 0
     alpha: float = 1e-6  # images: logit transform of alpha + (1 - 2 alpha) x (FFJORD: 1e-6); in [0, 0.5)
     epochs: int = 0  # passes over the training set (0: use --steps); >= 0
     steps: int = 10000  # optimizer steps when --epochs is 0 (FFJORD toys: 10,000); >= 0
@@ -80,12 +87,14 @@ class Args:
     out: str = ""  # run folder (default: runs/ffjord-<dataset>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # a 2D toy: its modes in about a minute; images: a smoke test that ends with the CPU recipe
+    quick: bool = False  # a 2D toy: its modes in about a minute; images: a smoke test that ends with
+                         # the CPU recipe
 
 
-QUICK = dict(steps=150, hidden=(32, 32), rtol=1e-3, atol=1e-3, lr=5e-3, eval_n=2000, eval_every=0, log_every=50,
-             ckpt_every=150)
-QUICK_TOY = dict(steps=1200, rtol=1e-3, atol=1e-3, lr=3e-3, eval_n=2000, eval_every=0, log_every=300, ckpt_every=1200)
+QUICK = dict(steps=150, hidden=(32, 32), rtol=1e-3, atol=1e-3, lr=5e-3, eval_n=2000, eval_every=0,
+             log_every=50, ckpt_every=150)
+QUICK_TOY = dict(steps=1200, rtol=1e-3, atol=1e-3, lr=3e-3, eval_n=2000, eval_every=0, log_every=300,
+                 ckpt_every=1200)
 PRESETS = {"quick": common.toy_or_image(QUICK, QUICK_TOY, Args.dataset)}  # --quick: QUICK_TOY on a 2D toy
 EXACT_TRACE_MAX_DIMS = 64  # evaluation uses the exact trace up to this many dimensions, Hutchinson's above
 EVAL_BATCH = 2000  # test points per solve (toys); images use --batch-size
@@ -160,7 +169,8 @@ def divergence_exact(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> to
 
 
 def divergence_hutchinson(f: torch.Tensor, x: torch.Tensor, e: torch.Tensor, create_graph: bool):
-    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dx) = E_e[e^T (df/dx) e] for E[e] = 0, Cov(e) = I (Hutchinson 1989).
+    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dx) = E_e[e^T (df/dx) e] for E[e] = 0, Cov(e) = I
+    (Hutchinson 1989).
 
     One vector-Jacobian product e^T (df/dx) per evaluation; returns the estimate (B,) and e^T df/dx (B, ...).
     """
@@ -175,8 +185,8 @@ def sample_probe(like: torch.Tensor, noise: str) -> torch.Tensor:
 
 
 class ODEFunc(nn.Module):
-    """The right-hand side handed to torchdiffeq. The state is (z,) for sampling, (z, delta_logp) for the density,
-    and (z, delta_logp, kinetic, jacobian) with the regularizers, each integral per example (B,)."""
+    """The right-hand side handed to torchdiffeq. The state is (z,) for sampling, (z, delta_logp) for the
+    density, and (z, delta_logp, kinetic, jacobian) with the regularizers, each integral per example (B,)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -190,7 +200,8 @@ class ODEFunc(nn.Module):
             return (self.net(t, z),)
         create_graph = torch.is_grad_enabled()  # training, or the adjoint's backward pass
         with torch.enable_grad():
-            if not z.requires_grad:  # a constant (data, or a no-grad solve): differentiate f with respect to it
+            # a constant (data, or a no-grad solve): differentiate f with respect to it
+            if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             dz = self.net(t, z)
             e_J = None
@@ -213,7 +224,8 @@ class CNF(nn.Module):
     """One continuous normalizing flow on [0, T]: data at t = 0, the base side at t = T."""
 
     def __init__(self, net: nn.Module, time_length: float = 1.0, solver: str = "dopri5", rtol: float = 1e-5,
-                 atol: float = 1e-5, step_size: float = 0.0, adjoint: bool = False, noise: str = "rademacher"):
+                 atol: float = 1e-5, step_size: float = 0.0, adjoint: bool = False,
+                 noise: str = "rademacher"):
         super().__init__()
         self.func = ODEFunc(net)
         # a Python float, not a float32 buffer: .double() of a float32 1.7 would integrate to 1.7000000477
@@ -222,7 +234,8 @@ class CNF(nn.Module):
         self.options = {"step_size": step_size} if step_size > 0 else None
 
     def times(self, like: torch.Tensor) -> torch.Tensor:
-        """[0, T] in the dtype and on the device of the state `like` (torchdiffeq casts t to the state's dtype)."""
+        """[0, T] in the dtype and on the device of the state `like` (torchdiffeq casts t to the
+        state's dtype)."""
         return torch.tensor([0.0, self.time_length], device=like.device, dtype=like.dtype)
 
     def _solve(self, state: tuple[torch.Tensor, ...], times: torch.Tensor, adjoint: bool):
@@ -288,9 +301,9 @@ def num_scales(h: int, w: int) -> int:
 
 
 class FFJORD(nn.Module):
-    """Vectors (D,): --blocks CNFs, then N(0, I). Images (C, H, W): logit transform, then per scale --blocks CNFs,
-    a squeeze, --blocks CNFs on 4C channels and half of them factored out to N(0, I) (not after the last scale).
-    `forward` returns the training loss (for DDP)."""
+    """Vectors (D,): --blocks CNFs, then N(0, I). Images (C, H, W): logit transform, then per scale --blocks
+    CNFs, a squeeze, --blocks CNFs on 4C channels and half of them factored out to N(0, I) (not after the last
+    scale). `forward` returns the training loss (for DDP)."""
 
     def __init__(self, shape: tuple[int, ...], hidden: tuple[int, ...] = (64, 64, 64),
                  nonlinearity: str = "softplus", blocks: int = 1, alpha: float = 1e-6, **cnf_options):
@@ -383,8 +396,8 @@ class FFJORD(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: FFJORD, x: torch.Tensor, batch_size: int, dequantize=None) -> dict[str, float]:
-    """Mean test log p(x) in nats, the exact trace up to EXACT_TRACE_MAX_DIMS dimensions (Hutchinson's estimate
-    above it, unbiased for log p(x)), and the function evaluations per solve."""
+    """Mean test log p(x) in nats, the exact trace up to EXACT_TRACE_MAX_DIMS dimensions (Hutchinson's
+    estimate above it, unbiased for log p(x)), and the function evaluations per solve."""
     exact = model.num_dims <= EXACT_TRACE_MAX_DIMS
     total, nfe, solves = 0.0, model.nfe(), 0
     what = f"test log p(x) by the ODE ({'exact' if exact else 'Hutchinson'} trace), {len(x):,} " + \
@@ -415,7 +428,8 @@ def density_on_grid(model: FFJORD, bins: int = GRID_BINS, lim: float = GRID_LIM,
 
 
 def report(metrics: dict[str, float], data: common.Data) -> dict[str, float]:
-    """Nats and KL(data || model) for toys, bits/dim of the 8-bit data for images (bins 1/256 wide on [0, 1])."""
+    """Nats and KL(data || model) for toys, bits/dim of the 8-bit data for images (bins 1/256 wide
+    on [0, 1])."""
     nll = -metrics["log_px"]
     if data.kind == "8bit":
         out = {"nll_bpd": common.bits_per_dim(nll, data.num_dims, bin_width=1 / 256)}
@@ -441,7 +455,8 @@ def sample(model: FFJORD, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def draw_pictures(model: FFJORD, data: common.Data, run: common.Run, n_samples: int) -> None:
-    """Toys: samples.png (histogram of samples), density.png (p(x) on the grid), data.png. Images: samples.png."""
+    """Toys: samples.png (histogram of samples), density.png (p(x) on the grid), data.png. Images:
+    samples.png."""
     if data.kind == "toy":
         common.save_heatmap(run.path("samples.png"), common.histogram_2d(sample(model, n_samples), GRID_BINS,
                                                                          GRID_LIM))
@@ -470,8 +485,9 @@ def evaluate_and_draw(run: common.Run, model: FFJORD, data: common.Data, args: A
 
 def train(args: Args) -> dict:
     if "binarized" in args.dataset:
-        raise common.RunError("ffjord.py models densities of continuous data: use mnist (8-bit, dequantized), "
-                              "not a binarized dataset")
+        raise common.RunError(
+            "ffjord.py models densities of continuous data: use mnist (8-bit, dequantized), "
+            "not a binarized dataset")
     dist, device = common.setup(args)
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     model = FFJORD(data.shape, args.hidden, args.nonlinearity, args.blocks, args.alpha,
@@ -483,8 +499,9 @@ def train(args: Args) -> dict:
     ddp = common.wrap_ddp(model, dist)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, args.seed, dist)
     total = args.epochs * batches.steps_per_epoch if args.epochs else args.steps
-    run.print(f"ffjord: {sum(p.numel() for p in model.parameters()):,} parameters, {len(model.cnfs())} CNFs, "
-              f"{data.name} {data.shape}, {total} steps of {args.batch_size} x {dist.world_size}, device {device}")
+    run.print(
+        f"ffjord: {sum(p.numel() for p in model.parameters()):,} parameters, {len(model.cnfs())} CNFs, "
+        f"{data.name} {data.shape}, {total} steps of {args.batch_size} x {dist.world_size}, device {device}")
 
     for step in run.steps(start, total, args.batch_size * dist.world_size):
         x, _ = batches(step)
@@ -508,7 +525,8 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, model, data, args, step + 1)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total)

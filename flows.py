@@ -14,10 +14,11 @@ log_det = log|det dz/dx|, and `inverse(z) -> (x, log_det)` the generative one wi
 so the two log-dets of a round trip sum to zero. A `Flow` is a list of layers over a standard normal base:
 log p(x) = log N(z; 0, I) + sum of the layers' log_det (change of variables), and `sample(n)` runs the
 inverses. Planar, radial and Sylvester maps are defined by their papers in the generative direction, so their
-closed-form map is `inverse`; their `forward` solves it numerically (planar), in closed form (radial), or does not
-exist (Sylvester). IAF is MAF with the two directions swapped: sampling is one parallel pass.
+closed-form map is `inverse`; their `forward` solves it numerically (planar), in closed form (radial), or does
+not exist (Sylvester). IAF is MAF with the two directions swapped: sampling is one parallel pass.
 
-    python flows.py --quick                                         # 15 s on a CPU: RealNVP on 8gaussians, its 8 modes
+    python flows.py --quick                                         # 15 s on a CPU: RealNVP on 8gaussians,
+                                                                    # its 8 modes
     python flows.py --task density --flow maf --dataset two_moons   # 2D density estimation (also nice,
                                                                     # realnvp, glow, iaf, naf, residual)
     python flows.py --task energy --flow planar --target u1 --flow-length 32   # Rezende & Mohamed, Fig. 3
@@ -26,7 +27,8 @@ exist (Sylvester). IAF is MAF with the two directions swapped: sampling is one p
         --eval-every 4000   # CPU recipe: 30 minutes on 2 cores
     python flows.py --task images --flow realnvp --dataset mnist --depth 4 --width 32 --steps 6000 \
         --eval-every 1000   # CPU recipe: 30 minutes on 2 cores
-    python flows.py --task images --flow glow --dataset cifar10 --levels 3 --depth 32 --width 512 --steps 200000
+    python flows.py --task images --flow glow --dataset cifar10 --levels 3 --depth 32 --width 512 \
+        --steps 200000
     python flows.py --task vae --flow sylvester --dataset binarized_mnist   # flow posteriors in a VAE
 
 Tasks: `density` fits a flow to a 2D toy set by maximum likelihood and reports the exact test NLL in nats
@@ -76,7 +78,8 @@ import common
 @dataclass
 class Args:
     task: Literal["density", "energy", "images", "vae"] = "density"  # what to fit (see the docstring)
-    flow: str = "realnvp"  # density: nice, realnvp, glow, maf, iaf, naf, residual; energy: planar, radial, sylvester; images: realnvp, glow; vae: none, planar, radial, sylvester, iaf
+    flow: str = "realnvp"  # density: nice, realnvp, glow, maf, iaf, naf, residual; energy: planar, radial,
+                           # sylvester; images: realnvp, glow; vae: none, planar, radial, sylvester, iaf
     dataset: str = ""  # default by task: 8gaussians, -, mnist, binarized_mnist
     target: Literal["u1", "u2", "u3", "u4"] = "u1"  # energy task: Rezende & Mohamed's Table 1 energy
     flow_length: int = 0  # layers K (0: by task: 8 for toys, 32 for energy, 8 for the VAE posterior); >= 0
@@ -84,7 +87,8 @@ class Args:
     levels: int = 2  # images: scales of the multi-scale architecture; >= 1
     depth: int = 8  # images: Glow steps (RealNVP: coupling layers) per level (Glow paper: 32); >= 1
     width: int = 64  # images: channels of the coupling nets (Glow paper: 512); >= 1
-    sylvester: Literal["orthogonal", "householder", "triangular"] = "orthogonal"  # van den Berg et al. variant
+    sylvester: Literal["orthogonal", "householder", "triangular"] = "orthogonal"  # van den Berg et al.
+                                                                                  # variant
     latent: int = 40  # vae: latent dimensions (Rezende & Mohamed: 40); >= 1
     steps: int = 0  # optimizer steps (0: by task: 10000 toys, 20000 energy, 10 epochs images and vae); >= 0
     batch_size: int = 0  # minibatch per process (0: by task: 512 toys, 100 energy, 64 images, 128 vae); >= 0
@@ -103,11 +107,12 @@ class Args:
     out: str = ""  # run folder (default: runs/flows-<task>-<flow>-<dataset or target>)
     resume: bool = False  # continue the run in --out from its checkpoint
     overwrite: bool = False  # start again in an --out that already holds a run
-    quick: bool = False  # density task: its modes in 15 s; other tasks: a smoke test of seconds (images: the CPU recipe last)
+    quick: bool = False  # density task: its modes in 15 s; other tasks: a smoke test of seconds
+                         # (images: the CPU recipe last)
 
 
-QUICK = dict(steps=200, eval_n=1000, eval_k=20, log_every=50, ckpt_every=200, hidden=32, flow_length=4, depth=2,
-             width=16, levels=2)
+QUICK = dict(steps=200, eval_n=1000, eval_k=20, log_every=50, ckpt_every=200, hidden=32, flow_length=4,
+             depth=2, width=16, levels=2)
 QUICK_TOY = dict(steps=3000, eval_n=5000, log_every=500, ckpt_every=3000)
 PRESETS = {"quick": lambda given: QUICK_TOY if given.get("task", Args.task) == "density" else QUICK}
 DEFAULTS = {  # task -> (dataset, flow_length, hidden, steps (0: 10 epochs), batch_size)
@@ -120,7 +125,8 @@ LOGIT_ALPHA = 1e-6  # logit transform of MAF (Papamakarios et al. 2017) for MNIS
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Base distribution and the Flow: a list of layers, each forward(x) -> (z, log_det), inverse(z) -> (x, log_det)
+# Base distribution and the Flow: a list of layers,
+# each forward(x) -> (z, log_det), inverse(z) -> (x, log_det)
 # ----------------------------------------------------------------------------------------------------------
 def log_normal(z: torch.Tensor) -> torch.Tensor:
     # log N(z; 0, I), summed over all but the batch dimension: (B,)
@@ -171,8 +177,8 @@ class Flow(nn.Module):
 # parameters broadcast against z (B, d). Each returns (f(z), log|det df/dz|).
 # ----------------------------------------------------------------------------------------------------------
 def planar_constrained_u(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # Rezende & Mohamed 2015, Appendix A.1: u_hat = u + (m(w^T u) - w^T u) w / ||w||^2, m(a) = -1 + softplus(a),
-    # so w^T u_hat >= -1 and f is invertible for tanh
+    # Rezende & Mohamed 2015, Appendix A.1: u_hat = u + (m(w^T u) - w^T u) w / ||w||^2,
+    # m(a) = -1 + softplus(a), so w^T u_hat >= -1 and f is invertible for tanh
     wu = (w * u).sum(-1, keepdim=True)
     return u + (-1 + F.softplus(wu) - wu) * w / w.pow(2).sum(-1, keepdim=True)
 
@@ -211,7 +217,8 @@ def bjorck_orthogonalize(q: torch.Tensor, steps: int = 30) -> torch.Tensor:
 
 
 def householder_product(v: torch.Tensor) -> torch.Tensor:
-    # van den Berg et al. 2018, Sec. 3.2: Q = H_1 ... H_H, H = I - 2 v v^T / ||v||^2; v (..., H, d) -> (..., d, d)
+    # van den Berg et al. 2018, Sec. 3.2: Q = H_1 ... H_H, H = I - 2 v v^T / ||v||^2;
+    # v (..., H, d) -> (..., d, d)
     d = v.shape[-1]
     q = torch.eye(d, device=v.device, dtype=v.dtype).expand(*v.shape[:-2], d, d)
     for i in range(v.shape[-2]):
@@ -227,9 +234,10 @@ def _diag_embed_add(m: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
 def sylvester_apply(z, q, r_upper, r_tilde_upper, r_diag, r_tilde_diag, b):
     """van den Berg et al. 2018, Eq. 13: f(z) = z + Q R h(R~ Q^T z + b), h = tanh.
 
-    z (B, d); Q (B or 1, d, M) with orthonormal columns; r_upper, r_tilde_upper (.., M, M) whose strictly upper
-    parts are used; r_diag, r_tilde_diag (.., M) raw diagonals, squashed by tanh so r_ii r~_ii > -1 (Sec. 3.3:
-    with h = tanh, h' in (0, 1], every factor 1 + h' r_ii r~_ii of the determinant stays positive); b (.., M).
+    z (B, d); Q (B or 1, d, M) with orthonormal columns; r_upper, r_tilde_upper (.., M, M) whose strictly
+    upper parts are used; r_diag, r_tilde_diag (.., M) raw diagonals, squashed by tanh so r_ii r~_ii > -1
+    (Sec. 3.3: with h = tanh, h' in (0, 1], every factor 1 + h' r_ii r~_ii of the determinant stays
+    positive); b (.., M).
     """
     r = _diag_embed_add(torch.triu(r_upper, diagonal=1), torch.tanh(r_diag))
     r_tilde = _diag_embed_add(torch.triu(r_tilde_upper, diagonal=1), torch.tanh(r_tilde_diag))
@@ -254,8 +262,8 @@ class Planar(nn.Module):
         return planar_map(z, self.u, self.w, self.b)
 
     def forward(self, x: torch.Tensor, iters: int = 100):
-        # solve x = z + u_hat tanh(w^T z + b) for z: with a = w^T z + b, w^T x + b = a + w^T u_hat tanh(a), a scalar
-        # equation that is strictly increasing in a (w^T u_hat >= -1), solved by bisection
+        # solve x = z + u_hat tanh(w^T z + b) for z: with a = w^T z + b, w^T x + b = a + w^T u_hat tanh(a), a
+        # scalar equation that is strictly increasing in a (w^T u_hat >= -1), solved by bisection
         u = planar_constrained_u(self.u, self.w)
         c, wu = (self.w * x).sum(-1) + self.b, (self.w * u).sum()
         lo, hi = c - wu.abs() - 1, c + wu.abs() + 1  # a + wu tanh(a) - c changes sign in [lo, hi]
@@ -354,8 +362,9 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 def conv_net(c_in: int, width: int, c_out: int) -> nn.Sequential:
     """The coupling network for images: 3x3, 1x1, 3x3 convolutions; the last starts at zero (Glow, Sec. 3.3)
     so every coupling starts as the identity."""
-    return zero_last(nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 1),
-                                   nn.ReLU(), nn.Conv2d(width, c_out, 3, padding=1)))
+    return zero_last(nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(width, width, 1), nn.ReLU(),
+                                   nn.Conv2d(width, c_out, 3, padding=1)))
 
 
 def zero_last(net: nn.Sequential) -> nn.Sequential:
@@ -541,7 +550,8 @@ class InvConv1x1(nn.Module):
 
     def inverse(self, z: torch.Tensor):
         w, log_abs_det = self.weight_and_logdet()
-        return torch.einsum("ij,bj...->bi...", torch.linalg.inv(w), z), (-z[0, 0].numel() * log_abs_det).expand(len(z))
+        return (torch.einsum("ij,bj...->bi...", torch.linalg.inv(w), z),
+                (-z[0, 0].numel() * log_abs_det).expand(len(z)))
 
 
 def split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -626,11 +636,12 @@ class MultiScale(nn.Module):
 
 
 def realnvp_images(shape: tuple[int, int, int], levels: int, depth: int, width: int) -> MultiScale:
-    """Dinh et al. 2017, Sec. 4.1: per scale, 3 checkerboard couplings, squeeze, 3 channel couplings, factor out
-    half; the last scale 4 checkerboard couplings. `depth` replaces the 3 (and 4 = depth + 1)."""
+    """Dinh et al. 2017, Sec. 4.1: per scale, 3 checkerboard couplings, squeeze, 3 channel couplings, factor
+    out half; the last scale 4 checkerboard couplings. `depth` replaces the 3 (and 4 = depth + 1)."""
     c, h, w = shape
     if levels == 1:
-        layers = [Coupling(checkerboard_mask(shape, i % 2), conv_net(c, width, 2 * c)) for i in range(depth + 1)]
+        layers = [Coupling(checkerboard_mask(shape, i % 2), conv_net(c, width, 2 * c))
+                  for i in range(depth + 1)]
         return MultiScale(layers, shape, None)
     layers = [Coupling(checkerboard_mask(shape, i % 2), conv_net(c, width, 2 * c)) for i in range(depth)]
     squeezed = (4 * c, h // 2, w // 2)
@@ -640,7 +651,8 @@ def realnvp_images(shape: tuple[int, int, int], levels: int, depth: int, width: 
     return MultiScale(layers, squeezed, inner)
 
 
-def glow_images(shape: tuple[int, int, int], levels: int, depth: int, width: int, lu: bool = True) -> MultiScale:
+def glow_images(shape: tuple[int, int, int], levels: int, depth: int, width: int,
+                lu: bool = True) -> MultiScale:
     """Kingma & Dhariwal 2018, Fig. 2: per level, squeeze, `depth` steps of flow (actnorm, invertible 1x1
     conv, affine coupling), then split with a learned prior (all levels but the last)."""
     c, h, w = shape
@@ -714,8 +726,8 @@ class MAF(nn.Module):
         self.made, self.max_log_scale = MADE(dim, hidden, 2, context=context), max_log_scale
 
     def _mu_alpha(self, x, context):
-        # alpha soft-clamped to (-3, 3): unbounded, exp(-alpha) compounds over layers and overflows far from the
-        # data (not in the paper, whose batch norm plays a similar role)
+        # alpha soft-clamped to (-3, 3): unbounded, exp(-alpha) compounds over layers and overflows far from
+        # the data (not in the paper, whose batch norm plays a similar role)
         mu, alpha = self.made(x, context).unbind(1)
         return mu, self.max_log_scale * torch.tanh(alpha / self.max_log_scale)
 
@@ -744,7 +756,8 @@ class IAF(nn.Module):
 
     def _m_log_sigma(self, z, context):
         m, s = self.made(z, context).unbind(1)
-        s = self.max_s * torch.tanh(s / self.max_s)  # soft-clamped so 1 / sigma cannot overflow (not in the paper)
+        # soft-clamped so 1 / sigma cannot overflow (not in the paper)
+        s = self.max_s * torch.tanh(s / self.max_s)
         return m, F.logsigmoid(s + self.forget_bias)  # the bias starts sigma near 1 (Sec. 4 of the paper)
 
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None):
@@ -764,8 +777,9 @@ def dsf_transform(x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, 
     """Huang et al. 2018, Eq. 8 (deep sigmoidal flow): y = sigmoid^-1(w^T sigmoid(a x + b)), a > 0, w on the
     simplex, so y is strictly increasing in x. x (B, D); params (B, 3K, D) -> y (B, D), log dy/dx (B, D).
 
-    All in log space: log s = logsumexp(log w + log sigmoid(u)), log(1 - s) = logsumexp(log w + log sigmoid(-u)),
-    u = a x + b; y = log s - log(1 - s); dy/dx = sum_j w_j a_j sigmoid'(u_j) / (s (1 - s)).
+    All in log space: log s = logsumexp(log w + log sigmoid(u)),
+    log(1 - s) = logsumexp(log w + log sigmoid(-u)), u = a x + b; y = log s - log(1 - s);
+    dy/dx = sum_j w_j a_j sigmoid'(u_j) / (s (1 - s)).
     """
     a_raw, b, w_raw = params.chunk(3, dim=1)  # (B, K, D) each
     log_a = torch.log(F.softplus(a_raw) + 1e-3)
@@ -863,8 +877,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, dim: int, hidden: int, coeff: float = 0.97, n_exact: int = 2, p: float = 0.5):
         super().__init__()
-        self.g = nn.Sequential(SpectralLinear(dim, hidden, coeff), LipSwish(), SpectralLinear(hidden, hidden, coeff),
-                               LipSwish(), SpectralLinear(hidden, dim, coeff))
+        self.g = nn.Sequential(SpectralLinear(dim, hidden, coeff), LipSwish(),
+                               SpectralLinear(hidden, hidden, coeff), LipSwish(),
+                               SpectralLinear(hidden, dim, coeff))
         self.n_exact, self.p, self.exact = n_exact, p, False
 
     def prob_at_least(self, k: int) -> float:
@@ -927,9 +942,11 @@ def toy_flow(kind: str, dim: int, length: int, hidden: int) -> Flow:
     layers = []
     for i in range(length):
         if kind == "nice":
-            layers.append(Coupling(alternating_mask(dim, i % 2), zero_last(mlp([dim, hidden, hidden, dim])), False))
+            layers.append(Coupling(alternating_mask(dim, i % 2),
+                                   zero_last(mlp([dim, hidden, hidden, dim])), False))
         elif kind == "realnvp":
-            layers.append(Coupling(alternating_mask(dim, i % 2), zero_last(mlp([dim, hidden, hidden, 2 * dim]))))
+            layers.append(Coupling(alternating_mask(dim, i % 2),
+                                   zero_last(mlp([dim, hidden, hidden, 2 * dim]))))
         elif kind == "glow":
             half = dim // 2
             layers += [ActNorm(dim), InvConv1x1(dim),
@@ -970,8 +987,9 @@ def _w1(z):
 
 def energy(name: str, z: torch.Tensor) -> torch.Tensor:
     """U(z) of Table 1. U2-U4 do not decay along z1 (exp(-U) has infinite mass, and U3 and U4 are lowest for
-    large |z1|, where their two bands merge), so here they get a steep wall outside the plotted square |z1| <= 4,
-    0.5 ((|z1| - 4)_+ / 0.1)^2: all four are then proper densities with a log Z by quadrature (not in the paper)."""
+    large |z1|, where their two bands merge), so here they get a steep wall outside the plotted square
+    |z1| <= 4, 0.5 ((|z1| - 4)_+ / 0.1)^2: all four are then proper densities with a log Z by quadrature
+    (not in the paper)."""
     z1, z2 = z[:, 0], z[:, 1]
     if name == "u1":
         ring = 0.5 * ((z.norm(dim=1) - 2) / 0.4) ** 2
@@ -981,19 +999,21 @@ def energy(name: str, z: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((z2 - _w1(z)) / 0.4) ** 2 + wall
     if name == "u3":
         w2 = 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
-        return -torch.logaddexp(-0.5 * ((z2 - _w1(z)) / 0.35) ** 2, -0.5 * ((z2 - _w1(z) + w2) / 0.35) ** 2) + wall
+        return -torch.logaddexp(-0.5 * ((z2 - _w1(z)) / 0.35) ** 2,
+                                -0.5 * ((z2 - _w1(z) + w2) / 0.35) ** 2) + wall
     w3 = 3 * torch.sigmoid((z1 - 1) / 0.3)
     return -torch.logaddexp(-0.5 * ((z2 - _w1(z)) / 0.4) ** 2, -0.5 * ((z2 - _w1(z) + w3) / 0.35) ** 2) + wall
 
 
 class FlowVAE(nn.Module):
-    """Rezende & Mohamed 2015, Sec. 4.2: q(z|x) = a Gaussian N(mu(x), sigma(x)^2) pushed through K flow layers,
-    log q_K(z_K|x) = log q_0(z_0|x) - sum_k log|det dz_k/dz_{k-1}| (Eq. 13). The encoder also outputs every
-    flow parameter (planar u, w, b; radial z0, alpha, beta; Sylvester R, R~, b) for each x; Sylvester's Q is
-    one learned matrix per layer; IAF layers (Kingma et al. 2016) condition on an encoder context h.
+    """Rezende & Mohamed 2015, Sec. 4.2: q(z|x) = a Gaussian N(mu(x), sigma(x)^2) pushed through K flow
+    layers, log q_K(z_K|x) = log q_0(z_0|x) - sum_k log|det dz_k/dz_{k-1}| (Eq. 13). The encoder also outputs
+    every flow parameter (planar u, w, b; radial z0, alpha, beta; Sylvester R, R~, b) for each x; Sylvester's
+    Q is one learned matrix per layer; IAF layers (Kingma et al. 2016) condition on an encoder context h.
     `forward` returns the training loss, the negative ELBO, so DDP sees one call."""
 
-    def __init__(self, num_dims: int, latent: int, hidden: int, kind: str, length: int, sylvester: str = "orthogonal"):
+    def __init__(self, num_dims: int, latent: int, hidden: int, kind: str, length: int,
+                 sylvester: str = "orthogonal"):
         super().__init__()
         self.kind, self.latent, self.length = kind, latent, length if kind != "none" else 0
         d, self.per_layer = latent, 0
@@ -1132,9 +1152,11 @@ def evaluate_density(model: Flow, data: common.Data, args: Args, run: common.Run
     metrics = {"nll_nats": nll, "kl_data_model": nll - data.entropy,
                "mass": grid_mass(model, n=150 if args.quick else 300)}
     # density.png: the model density on [-4, 4]^2; samples.png and data.png: histograms of samples
-    common.save_heatmap(run.path("density.png"), log_prob_in_chunks(model, grid_points(200, 4.0, x.device, x.dtype))
+    common.save_heatmap(run.path("density.png"),
+                        log_prob_in_chunks(model, grid_points(200, 4.0, x.device, x.dtype))
                         .exp().view(200, 200))
-    common.save_heatmap(run.path("samples.png"), common.histogram_2d(sample(model, 5000 if args.quick else 50_000)))
+    common.save_heatmap(run.path("samples.png"),
+                        common.histogram_2d(sample(model, 5000 if args.quick else 50_000)))
     common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x))
     return metrics, f"exact, {len(x)} test points"
 
@@ -1149,7 +1171,8 @@ def evaluate_energy(model: Flow, args: Args, run: common.Run) -> tuple[dict, str
     points = grid_points(600, 6.0, z.device)
     log_z = torch.logsumexp(-energy(args.target, points), 0).item() + 2 * math.log(12 / 600)
     metrics["kl_model_target"] = metrics["free_energy_nats"] + log_z
-    common.save_heatmap(run.path("target.png"), torch.exp(-energy(args.target, grid_points(200, 4.0, z.device)))
+    common.save_heatmap(run.path("target.png"),
+                        torch.exp(-energy(args.target, grid_points(200, 4.0, z.device)))
                         .view(200, 200))
     n_draw = 5000 if args.quick else 50_000
     common.save_heatmap(run.path("samples.png"), common.histogram_2d(model.sample_with_log_prob(n_draw)[0]))
@@ -1178,7 +1201,8 @@ def evaluate_vae(model: FlowVAE, data: common.Data, args: Args, run: common.Run)
         f"iwae k={args.eval_k}"
 
 
-def evaluate_and_draw(run: common.Run, model: nn.Module, data: common.Data | None, args: Args, step: int) -> dict:
+def evaluate_and_draw(run: common.Run, model: nn.Module, data: common.Data | None,
+                      args: Args, step: int) -> dict:
     """Evaluate (rank 0) with a fixed seed, log one line, draw the pictures."""
     with common.eval_mode(model, seed=args.seed):
         if args.task == "density":
@@ -1197,15 +1221,16 @@ def evaluate_and_draw(run: common.Run, model: nn.Module, data: common.Data | Non
 # The objective of each task (the VAE task's is FlowVAE.forward)
 # ----------------------------------------------------------------------------------------------------------
 def density_loss(model: Flow, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Maximum likelihood by the change of variables: log p(x) = log N(f(x); 0, I) + log |det df/dx|, in nats."""
+    """Maximum likelihood by the change of variables: log p(x) = log N(f(x); 0, I) + log |det df/dx|,
+    in nats."""
     z, log_det = model(x)
     nll = -(log_normal(z) + log_det).mean()
     return nll, {"loss": nll}
 
 
 def image_loss(model: Flow, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """8-bit images: the density of the uniformly dequantized data, in bits/dim of the discrete data (bin width
-    1/256), the quantity reported (Dinh et al. 2017, Sec. 4.1; Kingma & Dhariwal 2018, Sec. 5)."""
+    """8-bit images: the density of the uniformly dequantized data, in bits/dim of the discrete data
+    (bin width 1/256), the quantity reported (Dinh et al. 2017, Sec. 4.1; Kingma & Dhariwal 2018, Sec. 5)."""
     z, log_det = model(common.uniform_dequantize(x))
     nll = -(log_normal(z) + log_det).mean()
     loss = common.bits_per_dim(nll, x[0].numel(), 1 / 256)
@@ -1213,8 +1238,9 @@ def image_loss(model: Flow, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
 
 def energy_loss(model: Flow, target: str, n: int, beta: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Rezende & Mohamed 2015, Eq. 20 with the annealed beta of Sec. 6.1: F(z) = E_q[log q_K(z_K) + beta U(z_K)],
-    over n samples of the flow; `free_energy` is F at beta = 1 (KL(q || p) up to log Z)."""
+    """Rezende & Mohamed 2015, Eq. 20 with the annealed beta of Sec. 6.1:
+    F(z) = E_q[log q_K(z_K) + beta U(z_K)], over n samples of the flow; `free_energy` is F at beta = 1
+    (KL(q || p) up to log Z)."""
     z, log_q = model.sample_with_log_prob(n)
     u = energy(target, z)
     loss = (log_q + beta * u).mean()
@@ -1225,24 +1251,28 @@ def energy_loss(model: Flow, target: str, n: int, beta: float = 1.0) -> tuple[to
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def resolve(args: Args) -> Args:
-    """Fill the task-dependent defaults (the fields left at 0 or empty), so config.json holds the values used."""
+    """Fill the task-dependent defaults (the fields left at 0 or empty), so config.json holds the
+    values used."""
     dataset, length, hidden, steps, batch_size = DEFAULTS[args.task]
-    args = replace(args, dataset=args.dataset or dataset or args.target, flow_length=args.flow_length or length,
-                   hidden=args.hidden or hidden or 400, batch_size=args.batch_size or batch_size,
-                   steps=args.steps or steps)
+    args = replace(args, dataset=args.dataset or dataset or args.target,
+                   flow_length=args.flow_length or length, hidden=args.hidden or hidden or 400,
+                   batch_size=args.batch_size or batch_size, steps=args.steps or steps)
     return replace(args, out=args.out or f"runs/flows-{args.task}-{args.flow}-{args.dataset}")
 
 
 def check_task(args: Args) -> None:
-    """Refuse a flow or a dataset that the task does not take, from the names alone (before any data is read)."""
+    """Refuse a flow or a dataset that the task does not take, from the names alone (before any data
+    is read)."""
     flows_of_task = {"density": TOY_FLOWS, "energy": ENERGY_FLOWS, "images": IMAGE_FLOWS, "vae": VAE_FLOWS}
     if args.flow not in flows_of_task[args.task]:
-        raise common.RunError(f"--task {args.task} takes --flow {', '.join(flows_of_task[args.task])}, not {args.flow}")
+        raise common.RunError(
+            f"--task {args.task} takes --flow {', '.join(flows_of_task[args.task])}, not {args.flow}")
     kind = None if args.task == "energy" else common.dataset_kind(args.dataset)
     if args.task == "density" and kind != "toy":
         raise common.RunError(f"--task density fits the 2D toys, not {args.dataset}; images: --task images")
     if args.task == "images" and kind != "8bit":
-        raise common.RunError(f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), not {args.dataset}")
+        raise common.RunError(
+            f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), not {args.dataset}")
     if args.task == "vae" and kind != "binary":
         raise common.RunError(f"--task vae needs binarized images, not {args.dataset}")
 
@@ -1250,7 +1280,8 @@ def check_task(args: Args) -> None:
 def build(args: Args, data: common.Data | None) -> nn.Module:
     check_task(args)
     if args.task == "images" and any(n % 2**args.levels for n in data.shape[1:]):
-        raise common.RunError(f"images of shape {data.shape} cannot be squeezed {args.levels} times: use fewer --levels")
+        raise common.RunError(
+            f"images of shape {data.shape} cannot be squeezed {args.levels} times: use fewer --levels")
     if args.task == "density":
         return toy_flow(args.flow, 2, args.flow_length, args.hidden)
     if args.task == "energy":
@@ -1281,8 +1312,9 @@ def train(args: Args) -> dict:
     start = run.restore()
     ddp = common.wrap_ddp(model, dist) if args.task != "energy" else model
     total = args.steps or 10 * batches.steps_per_epoch
-    run.print(f"flows: {args.task} with {args.flow}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{args.dataset}, {total} steps of {args.batch_size} x {dist.world_size}, device {device}")
+    run.print(
+        f"flows: {args.task} with {args.flow}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{args.dataset}, {total} steps of {args.batch_size} x {dist.world_size}, device {device}")
 
     for step in run.steps(start, total, args.batch_size * dist.world_size):
         with common.autocast(device, args.amp):
@@ -1303,7 +1335,8 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, model, data, args, step + 1)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total)

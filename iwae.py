@@ -2,9 +2,10 @@
 arXiv:1509.00519.
 
 The same model as a VAE, trained on a tighter bound: with k samples h_i ~ q(h|x) and weights
-w_i = p(x, h_i) / q(h_i|x), L_k = E[log (1/k) sum_i w_i] <= log p(x), L_1 is the ELBO and L_k rises to log p(x)
-as k grows. Both objectives of the paper's Table 1 (the VAE with k samples and the IWAE bound), its one- and
-two-stochastic-layer networks, and its evaluation: test log-likelihood with k = 5000 and active units.
+w_i = p(x, h_i) / q(h_i|x), L_k = E[log (1/k) sum_i w_i] <= log p(x), L_1 is the ELBO and L_k rises to
+log p(x) as k grows. Both objectives of the paper's Table 1 (the VAE with k samples and the IWAE bound),
+its one- and two-stochastic-layer networks, and its evaluation: test log-likelihood with k = 5000 and active
+units.
 
     python iwae.py --quick                                         # a few seconds on a CPU
     python iwae.py --k 5                                           # IWAE, k = 5, one stochastic layer
@@ -26,9 +27,9 @@ Deviations from the paper:
 - DReG (--dreg) is from Tucker et al. 2019, not from this paper.
 
 Expected result: after 3280 epochs the paper's Table 1 reports a test NLL of 86.76 nats for one layer at
-k = 1 and 84.78 for the one-layer IWAE at k = 50 (82.90 with two layers). Short CPU runs land far above: README.md's
-row iwae-bmnist (`python -m results.table run iwae-bmnist`) has the measured figure, and its IWAE section the
-comparisons at equal time and equal epochs with their commands.
+k = 1 and 84.78 for the one-layer IWAE at k = 50 (82.90 with two layers). Short CPU runs land far above:
+README.md's row iwae-bmnist (`python -m results.table run iwae-bmnist`) has the measured figure, and its IWAE
+section the comparisons at equal time and equal epochs with their commands.
 """
 
 import math
@@ -46,11 +47,13 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset or a 2D toy (see README)
-    layers: Literal[1, 2] = 1  # stochastic layers: 1: 784-200-200-50; 2: adds 100-100-50 above a 100-unit layer
+    layers: Literal[1, 2] = 1  # stochastic layers: 1: 784-200-200-50; 2: adds 100-100-50 above a
+                               # 100-unit layer
     objective: Literal["iwae", "vae"] = "iwae"  # iwae: log (1/k) sum_i w_i; vae: (1/k) sum_i log w_i
     k: int = 5  # samples per example in the training objective (paper: 1, 5 or 50); >= 1
     dreg: bool = False  # doubly-reparameterized encoder gradient (Tucker et al. 2019); with --objective iwae
-    schedule: Literal["constant", "paper"] = "constant"  # paper: 3^i epochs at lr 1e-3 * 10^(-i/7), 3280 in all
+    schedule: Literal["constant", "paper"] = "constant"  # paper: 3^i epochs at lr 1e-3 * 10^(-i/7),
+                                                         # 3280 in all
     epochs: int = 10  # passes over the training set with --schedule constant (paper: 3280); >= 1
     steps: int = 0  # stop after this many optimizer steps instead (0: from the epochs); >= 0
     batch_size: int = 20  # minibatch per process (paper: 20); >= 1
@@ -97,7 +100,8 @@ def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def discretized_logistic_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """x in {0, 1/255, ..., 1}: the logistic's mass on the bin of width 1/255 around x, the two edge bins open.
+    """x in {0, 1/255, ..., 1}: the logistic's mass on the bin of width 1/255 around x, the two
+    edge bins open.
 
     Salimans et al. 2017 (PixelCNN++), Sec. 2.1, with a single logistic per sub-pixel.
     """
@@ -129,7 +133,8 @@ def gaussian_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 LIKELIHOODS = {  # name -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
-    "bernoulli": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
+    # params[..., 0, :]: the logits
+    "bernoulli": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),
     "discretized_logistic": (discretized_logistic_log_prob, 2),
     "gaussian": (gaussian_log_prob, 2),
 }
@@ -168,8 +173,8 @@ def tanh_mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class IWAE(nn.Module):
-    """q(h_1|x) q(h_2|h_1) ... and p(h_L) ... p(h_1|h_2) p(x|h_1), each a Gaussian (Bernoulli etc. for x) whose
-    parameters come from a two-hidden-layer tanh MLP. `forward` returns the training loss (for DDP)."""
+    """q(h_1|x) q(h_2|h_1) ... and p(h_L) ... p(h_1|h_2) p(x|h_1), each a Gaussian (Bernoulli etc. for x)
+    whose parameters come from a two-hidden-layer tanh MLP. `forward` returns the training loss (for DDP)."""
 
     def __init__(self, shape: tuple[int, ...], likelihood: str, layers: int = 1,
                  sizes: list[tuple[int, int]] | None = None):
@@ -180,7 +185,8 @@ class IWAE(nn.Module):
         num_dims = math.prod(shape)
         below = [num_dims] + [d for _, d in sizes[:-1]]  # the variable under each stochastic layer
         outs = [self.params_per_dim * num_dims] + [2 * d for d in below[1:]]  # what p(below | h_l) needs
-        self.q = nn.ModuleList(tanh_mlp([n, h, h, 2 * d]) for n, (h, d) in zip(below, sizes))  # q(h_l | h_{l-1})
+        # q(h_l | h_{l-1})
+        self.q = nn.ModuleList(tanh_mlp([n, h, h, 2 * d]) for n, (h, d) in zip(below, sizes))
         self.p = nn.ModuleList(tanh_mlp([d, h, h, o]) for (h, d), o in zip(sizes, outs))  # p(h_{l-1} | h_l)
         self.latent = sizes[-1][1]
 
@@ -191,8 +197,8 @@ class IWAE(nn.Module):
     def log_weights(self, x: torch.Tensor, k: int, dreg: bool = False) -> tuple[torch.Tensor, list]:
         """log w_i = log p(x, h_i) - log q(h_i|x) for k samples h_i ~ q(h|x): (k, B), and the samples h_l.
 
-        With dreg, log q is evaluated with the encoder's parameters held fixed (stop-gradient on phi, not on h),
-        so gradients reach phi only through the samples (the path term of Tucker et al. 2019).
+        With dreg, log q is evaluated with the encoder's parameters held fixed (stop-gradient on phi, not on
+        h), so gradients reach phi only through the samples (the path term of Tucker et al. 2019).
         """
         x = x.flatten(1)  # (B, D)
         # 1. sample h_l ~ q(h_l | h_{l-1}) bottom up, k per example: (k, B, d_l)
@@ -226,9 +232,10 @@ class IWAE(nn.Module):
         if objective == "vae":
             loss = -elbo.mean()
         elif dreg:
-            # Tucker et al. 2019: grad_phi = sum_i w~_i^2 (d log w_i / d h_i)(d h_i / d phi), w~ = softmax(log w).
-            # The surrogate -sum_i w~_i log w_i gives the decoder its IWAE gradient sum_i w~_i grad_theta log w_i;
-            # a hook multiplies d/dh_i by w~_i once more, so the encoder (reached only through h) gets w~_i^2.
+            # Tucker et al. 2019: grad_phi = sum_i w~_i^2 (d log w_i / d h_i)(d h_i / d phi),
+            # w~ = softmax(log w). The surrogate -sum_i w~_i log w_i gives the decoder its IWAE gradient
+            # sum_i w~_i grad_theta log w_i; a hook multiplies d/dh_i by w~_i once more, so the encoder
+            # (reached only through h) gets w~_i^2.
             w_tilde = torch.softmax(log_w.detach(), dim=0)  # (k, B)
             for h in hs:
                 h.register_hook(lambda g: g * w_tilde[..., None])
@@ -245,7 +252,8 @@ class IWAE(nn.Module):
 def importance_weighted_log_px(log_weights: Callable[[int], torch.Tensor], k: int,
                                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x) ~ log (1/k) sum_i w_i (Burda et al. 2016, Eq. 8, here the estimator of Sec. 5 with k = 5000),
-    and the ELBO estimate (1/k) sum_i log w_i: each (B,). `log_weights(s)` draws s samples; `chunk` at a time."""
+    and the ELBO estimate (1/k) sum_i log w_i: each (B,). `log_weights(s)` draws s samples; `chunk`
+    at a time."""
     chunk = chunk or k
     log_w = torch.cat([log_weights(min(chunk, k - start)) for start in range(0, k, chunk)])  # (k, B)
     return torch.logsumexp(log_w, dim=0) - math.log(k), log_w.mean(0)
@@ -274,7 +282,8 @@ def evaluate(model: IWAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) ->
     means = []
     for xb in common.progress(x.split(batch_size), f"test bound, {len(x):,} images x k = {k or 10}", len(x)):
         means.append(posterior_means(model, xb))
-        elbo_k = k or 10  # the ELBO as the mean of log w over the same samples (10 when only the ELBO is asked)
+        # the ELBO as the mean of log w over the same samples (10 when only the ELBO is asked)
+        elbo_k = k or 10
         images = max(1, ROWS_PER_CHUNK // elbo_k)  # images per chunk of decoder rows
         for xs in xb.split(images):
             log_px, elbo = importance_weighted_log_px(lambda s, xs=xs: model.log_weights(xs, s)[0], elbo_k,
@@ -360,7 +369,8 @@ def evaluate_and_draw(run: common.Run, model: IWAE, data: common.Data, args: Arg
     return metrics
 
 
-LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "gaussian"}  # data kind -> p(x|z)
+# data kind -> p(x|z)
+LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "gaussian"}
 
 
 def train(args: Args) -> dict:
@@ -376,9 +386,10 @@ def train(args: Args) -> dict:
     epochs = PAPER_EPOCHS if args.schedule == "paper" else args.epochs
     total = args.steps or epochs * batches.steps_per_epoch
     eval_every = args.eval_every or batches.steps_per_epoch
-    run.print(f"iwae: {sum(p.numel() for p in model.parameters()):,} parameters, {data.name} {data.shape}, "
-              f"{args.objective} k={args.k}{' dreg' if args.dreg else ''}, {args.layers} stochastic layer(s), "
-              f"{total} steps of {args.batch_size} x {dist.world_size}, device {device}")
+    run.print(
+        f"iwae: {sum(p.numel() for p in model.parameters()):,} parameters, {data.name} {data.shape}, "
+        f"{args.objective} k={args.k}{' dreg' if args.dreg else ''}, {args.layers} stochastic layer(s), "
+        f"{total} steps of {args.batch_size} x {dist.world_size}, device {device}")
 
     for step in run.steps(start, total, args.batch_size * dist.world_size):
         x, _ = batches(step)
@@ -395,7 +406,8 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, model, data, args, step + 1, k=0)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total, k=args.eval_k)

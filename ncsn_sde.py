@@ -1,52 +1,58 @@
-"""Score matching, NCSN and score-based SDEs: Song & Ermon 2019, "Generative Modeling by Estimating Gradients of
-the Data Distribution", arXiv:1907.05600; Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021, "Score-Based
-Generative Modeling through Stochastic Differential Equations", arXiv:2011.13456.
+"""Score matching, NCSN and score-based SDEs: Song & Ermon 2019, "Generative Modeling by Estimating Gradients
+of the Data Distribution", arXiv:1907.05600; Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021,
+"Score-Based Generative Modeling through Stochastic Differential Equations", arXiv:2011.13456.
 
-A network s_theta(x, t) learns the score grad_x log p_t(x) of the data perturbed by noise of every level: implicit
-(Hyvarinen 2005), sliced (Song et al. 2019) or denoising (Vincent 2011) score matching. NCSN samples with annealed
-Langevin dynamics over a geometric ladder of sigmas; the SDE view turns the ladder into a diffusion dx = f dt + g dw,
-samples by reversing it (predictor-corrector) or by its probability-flow ODE, and gets exact likelihoods from that ODE.
+A network s_theta(x, t) learns the score grad_x log p_t(x) of the data perturbed by noise of every level:
+implicit (Hyvarinen 2005), sliced (Song et al. 2019) or denoising (Vincent 2011) score matching. NCSN samples
+with annealed Langevin dynamics over a geometric ladder of sigmas; the SDE view turns the ladder into a
+diffusion dx = f dt + g dw, samples by reversing it (predictor-corrector) or by its probability-flow ODE, and
+gets exact likelihoods from that ODE.
 
-    python ncsn_sde.py --quick                                        # 40 s on a CPU: VP SDE on 8gaussians, its 8 modes
+    python ncsn_sde.py --quick                                        # 40 s on a CPU: VP SDE on 8gaussians,
+                                                                      # its 8 modes
     python ncsn_sde.py --dataset 8gaussians --batch-size 256 --lr 1e-3 --warmup 100 --steps 6000 \
         --eval-every 3000 --eval-n 5000                              # the README's toy rows (also two_moons)
     python ncsn_sde.py --method ncsn --dataset 8gaussians --sampler ald   # NCSN, annealed Langevin dynamics
     python ncsn_sde.py --sde ve --objective ssm --dataset two_moons      # sliced score matching, VE SDE
-    python ncsn_sde.py --quick --dataset mnist                          # a smoke test of minutes on a CPU: a small U-Net
+    python ncsn_sde.py --quick --dataset mnist                          # a smoke test of minutes on a CPU:
+                                                                        # a small U-Net
     python ncsn_sde.py --dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 \
         --dropout 0 --batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1500 --eval-n 100 \
         --sample-steps 200 --rtol 1e-3 --atol 1e-3   # CPU recipe: 30 minutes on 2 cores
     python ncsn_sde.py --dataset cifar10 --sde vp --sampler ode         # the paper's setting needs GPUs
     torchrun --nproc_per_node=4 ncsn_sde.py --dataset cifar10 --batch-size 32
 
-Objectives (--objective): dsm, the denoising loss with the analytic target -z / sigma; ssm, sliced score matching
-(variance-reduced: v^T (ds/dx) v + 1/2 ||s||^2); ism, implicit score matching with the trace by autograd (low
-dimensions only). Each is weighted by lambda = sigma^2 (NCSN, Eq. 6) or lambda(t) = sigma_t^2, the variance of the
-perturbation kernel (Song et al. 2021, Eq. 7). Samplers (--sampler): ald (NCSN, Algorithm 1), pc (reverse-diffusion
-predictor + Langevin corrector, Song et al. 2021 Algorithms 2 and 3), em (Euler-Maruyama predictor alone), ode (the
-probability-flow ODE, torchdiffeq dopri5). Likelihood: the probability-flow ODE with the instantaneous change of
-variables, the divergence exact (2D) or by Hutchinson's estimator (images); nats and KL(data || model) = NLL - H(data)
-for toys, bits/dim of uniformly dequantized data for images, with the number of function evaluations (nfe).
+Objectives (--objective): dsm, the denoising loss with the analytic target -z / sigma; ssm, sliced score
+matching (variance-reduced: v^T (ds/dx) v + 1/2 ||s||^2); ism, implicit score matching with the trace by
+autograd (low dimensions only). Each is weighted by lambda = sigma^2 (NCSN, Eq. 6) or lambda(t) = sigma_t^2,
+the variance of the perturbation kernel (Song et al. 2021, Eq. 7). Samplers (--sampler): ald (NCSN,
+Algorithm 1), pc (reverse-diffusion predictor + Langevin corrector, Song et al. 2021 Algorithms 2 and 3), em
+(Euler-Maruyama predictor alone), ode (the probability-flow ODE, torchdiffeq dopri5). Likelihood: the
+probability-flow ODE with the instantaneous change of variables, the divergence exact (2D) or by Hutchinson's
+estimator (images); nats and KL(data || model) = NLL - H(data) for toys, bits/dim of uniformly dequantized
+data for images, with the number of function evaluations (nfe).
 
 Deviations from the papers:
-- The noise level enters the networks as t in [0, 1] (for NCSN and VE, log sigma is affine in t), through DDPM's
-  sinusoidal embedding of 999 t (30 t in the toy MLP, for a cheaper ODE; see build_model); the score is
-  net(x, t) / sigma_t (Song & Ermon 2020, Technique 3; for VP this is the eps-parameterization -eps_theta / sigma_t
-  of the authors' code). Both losses carry a factor 1/2 (NCSN Eq. 5; SDE Eq. 7 has none: a constant). The toy MLP
-  and the MNIST-sized U-Net are not in the papers.
+- The noise level enters the networks as t in [0, 1] (for NCSN and VE, log sigma is affine in t), through
+  DDPM's sinusoidal embedding of 999 t (30 t in the toy MLP, for a cheaper ODE; see build_model); the score is
+  net(x, t) / sigma_t (Song & Ermon 2020, Technique 3; for VP this is the eps-parameterization
+  -eps_theta / sigma_t of the authors' code). Both losses carry a factor 1/2 (NCSN Eq. 5; SDE Eq. 7 has none:
+  a constant). The toy MLP and the MNIST-sized U-Net are not in the papers.
 - The VE kernel is N(x(0), (sigma(t)^2 - sigma_min^2) I) (Eq. 30); the authors' code uses sigma(t)^2.
-- The Langevin corrector's step 2 alpha (r ||z|| / ||s||)^2 takes the norms averaged over the batch, as the authors'
-  code does (a per-example ratio is unstable in 2D); the PC loop runs corrector then predictor at each time, as in
-  the code (the paper's order shifted by one level), and returns the noise-free mean of the last step.
+- The Langevin corrector's step 2 alpha (r ||z|| / ||s||)^2 takes the norms averaged over the batch, as the
+  authors' code does (a per-example ratio is unstable in 2D); the PC loop runs corrector then predictor at
+  each time, as in the code (the paper's order shifted by one level), and returns the noise-free mean of
+  the last step.
 - Images are trained on uniformly dequantized data (k + u) / 256 (the paper trains on k / 255 and evaluates on
   dequantized data); VP and sub-VP see it scaled to [-1, 1], VE and NCSN on [0, 1].
 - --method ncsn is evaluated with the probability-flow ODE of the VE SDE whose discretization NCSN's ladder is
-  (Song et al. 2021, Sec. 3.4): between its L trained levels the network is interpolated, so that figure is only
-  indicative; NCSN itself has no likelihood.
+  (Song et al. 2021, Sec. 3.4): between its L trained levels the network is interpolated, so that figure is
+  only indicative; NCSN itself has no likelihood.
 
-Expected result: the paper reports 2.99 bits/dim on CIFAR-10 (VP, deep DDPM++, 1.3M steps on TPUs). README.md's
-rows ncsn_sde-8gaussians / ncsn_sde-two_moons (the 2nd command: VP SDE, DSM, 6000 steps; probability-flow ODE
-NLL and KL(data || model)) and ncsn_sde-mnist (the CPU recipe) have the measured figures with their commands.
+Expected result: the paper reports 2.99 bits/dim on CIFAR-10 (VP, deep DDPM++, 1.3M steps on TPUs).
+README.md's rows ncsn_sde-8gaussians / ncsn_sde-two_moons (the 2nd command: VP SDE, DSM, 6000 steps;
+probability-flow ODE NLL and KL(data || model)) and ncsn_sde-mnist (the CPU recipe) have the measured figures
+with their commands.
 """
 
 import copy
@@ -66,37 +72,47 @@ import common
 
 @dataclass
 class Args:
-    dataset: str = "8gaussians"  # a 2D toy or an 8-bit image dataset (mnist, fashion_mnist, cifar10; see README)
-    method: Literal["ncsn", "sde"] = "sde"  # ncsn: L discrete sigmas (Song & Ermon 2019); sde: continuous time
+    dataset: str = "8gaussians"  # a 2D toy or an 8-bit image dataset (mnist, fashion_mnist,
+                                 # cifar10; see README)
+    method: Literal["ncsn", "sde"] = "sde"  # ncsn: L discrete sigmas (Song & Ermon 2019);
+                                            # sde: continuous time
     sde: Literal["ve", "vp", "subvp"] = "vp"  # the forward SDE of --method sde (Song et al. 2021, Sec. 3.4)
     objective: Literal["dsm", "ssm", "ism"] = "dsm"  # denoising, sliced or implicit score matching
     num_scales: int = 10  # NCSN: L, the number of sigmas (paper: 10); >= 1
     sigma_min: float = 0.01  # smallest noise level of NCSN and VE (both papers: 0.01); > 0
-    sigma_max: float = 0.0  # largest (0: 1.0 for NCSN on images as in the paper, else the largest distance between two of the first 1000 training examples, Song & Ermon 2020 Technique 1); >= 0
+    sigma_max: float = 0.0  # largest (0: 1.0 for NCSN on images as in the paper, else the largest distance
+                            # between two of the first 1000 training examples, Song & Ermon 2020
+                            # Technique 1); >= 0
     beta_min: float = 0.1  # VP / sub-VP: beta(0) (paper: 0.1); >= 0
     beta_max: float = 20.0  # VP / sub-VP: beta(1) (paper: 20); > 0
-    sampler: Literal["auto", "ald", "pc", "em", "ode"] = "auto"  # pictures (auto: ald for --method ncsn, pc for sde)
+    sampler: Literal["auto", "ald", "pc", "em", "ode"] = "auto"  # pictures (auto: ald for --method ncsn,
+                                                                 # pc for sde)
     sample_steps: int = 1000  # N, discretization steps of the pc / em samplers (paper: 1000); >= 1
     snr: float = 0.16  # r, signal-to-noise ratio of the Langevin corrector (paper: 0.16); > 0
     corrector_steps: int = 1  # M, corrector steps per predictor step (0: predictor only); >= 0
     ald_eps: float = 2e-5  # annealed Langevin step epsilon (Song & Ermon 2019: 2e-5); > 0
     ald_steps: int = 100  # annealed Langevin steps per noise level, T (Song & Ermon 2019: 100); >= 1
-    divergence: Literal["auto", "exact", "rademacher", "gaussian"] = "auto"  # likelihood ODE trace (auto: exact to 64 dims)
+    divergence: Literal["auto", "exact", "rademacher", "gaussian"] = "auto"  # likelihood ODE trace
+                                                                             # (auto: exact to 64 dims)
     rtol: float = 1e-5  # ODE solver relative tolerance (paper: 1e-5); > 0
     atol: float = 1e-5  # ODE solver absolute tolerance (paper: 1e-5); > 0
     grid_bins: int = 100  # toys: the density heatmap's grid is grid_bins x grid_bins over [-4, 4]^2; >= 2
     hidden: int = 256  # hidden units of the toy MLP; >= 1
     channels: int = 0  # U-Net base channels (0: 128 for 32x32, 64 for 28x28); >= 0
-    channel_mult: tuple[int, ...] = ()  # U-Net multipliers per resolution (empty: (1, 2, 2, 2) for 32x32, (1, 2, 2) for 28x28); >= 1
+    channel_mult: tuple[int, ...] = ()  # U-Net multipliers per resolution (empty: (1, 2, 2, 2) for 32x32,
+                                        # (1, 2, 2) for 28x28); >= 1
     num_res_blocks: int = 2  # residual blocks per resolution; >= 1
-    attn_res: tuple[int, ...] = ()  # resolutions with self-attention (empty: half the image side; 0: none); >= 0
+    attn_res: tuple[int, ...] = ()  # resolutions with self-attention (empty: half the image side;
+                                    # 0: none); >= 0
     dropout: float = 0.1  # dropout in the residual blocks; in [0, 1)
-    steps: int = 0  # optimizer steps (0: 20,000 for toys, 50,000 for 28x28, 1,300,000 for 32x32 as in the paper); >= 0
+    steps: int = 0  # optimizer steps (0: 20,000 for toys, 50,000 for 28x28, 1,300,000 for 32x32 as in the
+                    # paper); >= 0
     batch_size: int = 128  # minibatch per process (both papers: 128); >= 1
     lr: float = 2e-4  # Adam learning rate (Song et al. 2021: 2e-4; Song & Ermon 2019: 1e-3); > 0
     warmup: int = 5000  # steps of linear learning-rate warm-up (Song et al. 2021: 5000); >= 0
     grad_clip: float = 1.0  # clip the gradient norm at this value (0: off); >= 0
-    ema_decay: float = 0.999  # EMA of the weights, used for sampling and evaluation (Song et al. 2021, VE: 0.999); in [0, 1)
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling and evaluation (Song et al. 2021,
+                              # VE: 0.999); in [0, 1)
     eval_n: int = 0  # test examples in the final likelihood (0: all); >= 0
     eval_every: int = 0  # steps between evaluations and sample pictures (0: five per run); >= 0
     log_every: int = 100  # steps between log lines; >= 1
@@ -112,18 +128,19 @@ class Args:
     quick: bool = False  # a 2D toy: its modes in 40 s; images: a smoke test that ends with the CPU recipe
 
 
-QUICK = dict(steps=300, hidden=64, grid_bins=40, channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_res=(0,),
-             lr=1e-3, warmup=50, ema_decay=0.99, sample_steps=100, rtol=1e-3, atol=1e-3, eval_n=500, eval_every=300,
-             log_every=50, ckpt_every=300)
-QUICK_TOY = dict(steps=3000, batch_size=256, lr=1e-3, warmup=100, sample_steps=200, rtol=1e-3, atol=1e-3, eval_n=2000,
-                 eval_every=3000, log_every=500, ckpt_every=3000)
+QUICK = dict(steps=300, hidden=64, grid_bins=40, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+             attn_res=(0,), lr=1e-3, warmup=50, ema_decay=0.99, sample_steps=100, rtol=1e-3, atol=1e-3,
+             eval_n=500, eval_every=300, log_every=50, ckpt_every=300)
+QUICK_TOY = dict(steps=3000, batch_size=256, lr=1e-3, warmup=100, sample_steps=200, rtol=1e-3, atol=1e-3,
+                 eval_n=2000, eval_every=3000, log_every=500, ckpt_every=3000)
 PRESETS = {"quick": common.toy_or_image(QUICK, QUICK_TOY, Args.dataset)}  # --quick: QUICK_TOY on a 2D toy
 T_EPS = 1e-5  # smallest t for training and likelihood (the authors' code)
 SAMPLE_EPS = {"ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}  # last time of the samplers (the authors' code)
 EXACT_TRACE_MAX_DIMS = 64  # the likelihood uses the exact divergence up to this many dimensions by default
 PERIODIC_EVAL_N = 1000  # test points in the evaluations during training
 TOY_BATCH, IMAGE_BATCH = 5000, 100  # test examples per ODE solve
-GRID_BINS, GRID_LIM, GRID_TOL = 100, 4.0, 1e-3  # density heatmap: grid (pictures: --grid-bins) on [-4, 4]^2, tolerance
+# density heatmap: grid (pictures: --grid-bins) on [-4, 4]^2, tolerance
+GRID_BINS, GRID_LIM, GRID_TOL = 100, 4.0, 1e-3
 TOY_SAMPLES = 2000  # samples in a toy picture
 
 
@@ -146,7 +163,8 @@ def divergence_exact(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> to
 
 
 def divergence_hutchinson(f: torch.Tensor, x: torch.Tensor, e: torch.Tensor, create_graph: bool):
-    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dx) = E_e[e^T (df/dx) e] for E[e] = 0, Cov(e) = I (Hutchinson 1989).
+    """Grathwohl et al. 2019, Sec. 3.1: tr(df/dx) = E_e[e^T (df/dx) e] for E[e] = 0, Cov(e) = I
+    (Hutchinson 1989).
 
     One vector-Jacobian product e^T (df/dx) per evaluation; returns the estimate (B,) and e^T df/dx (B, ...).
     """
@@ -161,7 +179,8 @@ def sample_probe(like: torch.Tensor, noise: str) -> torch.Tensor:
 
 
 def implicit_score_matching(score_fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    """Hyvarinen 2005, Theorem 1: J(theta) = E[tr(grad_x s(x)) + 1/2 ||s(x)||^2] (+ a constant), exact trace."""
+    """Hyvarinen 2005, Theorem 1: J(theta) = E[tr(grad_x s(x)) + 1/2 ||s(x)||^2] (+ a constant),
+    exact trace."""
     x, create_graph = x.detach().requires_grad_(True), torch.is_grad_enabled()  # a graph only when training
     with torch.enable_grad():
         s = score_fn(x)
@@ -179,7 +198,8 @@ def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor |
         return divergence_hutchinson(s, x, v, create_graph=create_graph)[0] + 0.5 * s.flatten(1).pow(2).sum(1)
 
 
-def denoising_score_matching(score: torch.Tensor, x_tilde: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+def denoising_score_matching(score: torch.Tensor, x_tilde: torch.Tensor, x: torch.Tensor,
+                             sigma) -> torch.Tensor:
     # Vincent 2011, Eq. 11; Song & Ermon 2019, Eq. 5: 1/2 || s(x~) - grad log q(x~|x) ||^2,
     # grad_x~ log N(x~; x, sigma^2 I) = -(x~ - x) / sigma^2
     target = -(x_tilde - x) / sigma**2
@@ -190,15 +210,17 @@ def denoising_score_matching(score: torch.Tensor, x_tilde: torch.Tensor, x: torc
 # NCSN: a geometric ladder of sigmas and annealed Langevin dynamics
 # ----------------------------------------------------------------------------------------------------------
 def ncsn_sigmas(sigma_max: float, sigma_min: float, L: int) -> torch.Tensor:
-    # Song & Ermon 2019, Sec. 4.1: {sigma_i}_{i=1}^L geometric, sigma_1 / sigma_2 = ... = sigma_{L-1} / sigma_L
+    # Song & Ermon 2019, Sec. 4.1: {sigma_i}_{i=1}^L geometric,
+    # sigma_1 / sigma_2 = ... = sigma_{L-1} / sigma_L
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), L, dtype=torch.float64))
 
 
 @torch.no_grad()
 def annealed_langevin(score_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor, eps: float = 2e-5,
                       T: int = 100, progress: Callable = iter) -> torch.Tensor:
-    """Song & Ermon 2019, Algorithm 1. score_fn(x, i) is the score at noise level sigmas[i]; sigmas decreasing.
-    With one sigma it is plain Langevin dynamics with step eps. `progress` wraps the loop over the levels."""
+    """Song & Ermon 2019, Algorithm 1. score_fn(x, i) is the score at noise level sigmas[i]; sigmas
+    decreasing. With one sigma it is plain Langevin dynamics with step eps. `progress` wraps the loop over
+    the levels."""
     sigma_L = sigmas[-1].item()
     for i, sigma in progress(list(enumerate(sigmas.tolist()))):  # line 2: for i <- 1 to L
         alpha = eps * sigma**2 / sigma_L**2  # line 3: alpha_i = eps sigma_i^2 / sigma_L^2
@@ -209,11 +231,13 @@ def annealed_langevin(score_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SDEs dx = f(x, t) dt + g(t) dw on t in [0, 1], their perturbation kernels p_0t(x(t) | x(0)) and discretizations
+# SDEs dx = f(x, t) dt + g(t) dw on t in [0, 1],
+# their perturbation kernels p_0t(x(t) | x(0)) and discretizations
 # ----------------------------------------------------------------------------------------------------------
 class SDE:
-    """The interface: sde(x, t) -> (f, g); marginal_prob(x0, t) -> (mean, std); prior; discretize(x, t) -> (f_i, G_i),
-    one step x_{i+1} = x_i + f_i(x_i) + G_i z of the discrete chain. t is a tensor (B,)."""
+    """The interface: sde(x, t) -> (f, g); marginal_prob(x0, t) -> (mean, std); prior;
+    discretize(x, t) -> (f_i, G_i), one step x_{i+1} = x_i + f_i(x_i) + G_i z of the discrete chain. t is a
+    tensor (B,)."""
 
     T = 1.0
 
@@ -245,7 +269,8 @@ class SDE:
 
 
 class VESDE(SDE):
-    """Variance exploding, Song et al. 2021, Eq. 9: dx = sqrt(d[sigma^2(t)]/dt) dw, sigma(t) = s_min (s_max/s_min)^t."""
+    """Variance exploding, Song et al. 2021, Eq. 9: dx = sqrt(d[sigma^2(t)]/dt) dw,
+    sigma(t) = s_min (s_max/s_min)^t."""
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
@@ -270,7 +295,8 @@ class VESDE(SDE):
         return self.sigma_max  # p_T ~ N(0, sigma_max^2 I)
 
     def discretize(self, x, t):
-        # Eq. 8, NCSN's chain: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, sigma_i geometric, sigma_{-1} = 0
+        # Eq. 8, NCSN's chain: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, sigma_i geometric,
+        # sigma_{-1} = 0
         i = self.index(t)
         sigma = self.sigma(i / (self.N - 1))
         prev = torch.where(i > 0, self.sigma((i - 1).clamp(min=0) / (self.N - 1)), torch.zeros_like(sigma))
@@ -278,7 +304,8 @@ class VESDE(SDE):
 
 
 class VPSDE(SDE):
-    """Variance preserving, Song et al. 2021, Eq. 11: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (DDPM's limit)."""
+    """Variance preserving, Song et al. 2021, Eq. 11: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw
+    (DDPM's limit)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
@@ -302,12 +329,14 @@ class VPSDE(SDE):
         return (-torch.expm1(-self.int_beta(t))).sqrt()
 
     def discrete_beta(self, t):
-        # Appendix B/E: beta_i = beta-bar_i / N, beta-bar_i linear from beta_min to beta_max (DDPM's 1e-4 .. 0.02)
+        # Appendix B/E: beta_i = beta-bar_i / N, beta-bar_i linear from beta_min to beta_max
+        # (DDPM's 1e-4 .. 0.02)
         i = self.index(t)
         return (self.beta_min + i / (self.N - 1) * (self.beta_max - self.beta_min)) / self.N
 
     def discretize(self, x, t):
-        # DDPM's chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z: f_i = (sqrt(1 - beta_i) - 1) x, G_i = sqrt(beta_i)
+        # DDPM's chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z: f_i = (sqrt(1 - beta_i) - 1) x,
+        # G_i = sqrt(beta_i)
         beta = self.discrete_beta(t)
         return (bcast((1 - beta).sqrt(), x) - 1) * x, beta.sqrt()
 
@@ -316,7 +345,8 @@ class VPSDE(SDE):
 
 
 class SubVPSDE(VPSDE):
-    """sub-VP, Song et al. 2021, Eq. 16: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 int_0^t beta})) dw."""
+    """sub-VP, Song et al. 2021, Eq. 16:
+    dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 int_0^t beta})) dw."""
 
     def sde(self, x, t):
         g2 = self.beta(t) * -torch.expm1(-2 * self.int_beta(t))
@@ -350,10 +380,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1.0,
 
 
 class MLP(nn.Module):
-    """For 2D toys: x -> SiLU hidden layers with the embedding of time_scale * t added to each -> an output of x's
-    size (1 for DDPM's integer t in 1..T; ncsn_sde.py's build_model says why it takes 30 for t in [0, 1])."""
+    """For 2D toys: x -> SiLU hidden layers with the embedding of time_scale * t added to each -> an output of
+    x's size (1 for DDPM's integer t in 1..T; ncsn_sde.py's build_model says why it takes 30 for t
+    in [0, 1])."""
 
-    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, emb: int = 128, time_scale: float = 1.0):
+    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, emb: int = 128,
+                 time_scale: float = 1.0):
         super().__init__()
         self.emb, self.time_scale = emb, time_scale
         self.time = nn.Sequential(nn.Linear(emb, hidden), nn.SiLU(), nn.Linear(hidden, layers * hidden))
@@ -362,7 +394,8 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.emb, self.time_scale, self.inp.weight.dtype))  # (B, layers hidden)
+        # (B, layers hidden)
+        temb = self.time(timestep_embedding(t, self.emb, self.time_scale, self.inp.weight.dtype))
         temb = temb.chunk(len(self.layers), dim=1)  # (B, hidden) each
         h = self.inp(x)
         for layer, e in zip(self.layers, temb):
@@ -371,20 +404,23 @@ class MLP(nn.Module):
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    # Ho et al., Appendix B: group normalization, 32 groups; gcd(32, channels) groups where 32 does not divide the
-    # channels (with --channels 16 an up-path block takes 32 + 16 = 48 channels: 16 groups, where 32 would fail)
+    # Ho et al., Appendix B: group normalization, 32 groups; gcd(32, channels) groups where 32 does not divide
+    # the channels (with --channels 16 an up-path block takes 32 + 16 = 48 channels: 16 groups, where
+    # 32 would fail)
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
-    # the authors' code starts the last layer of every residual branch at zero: each block begins as the identity
+    # the authors' code starts the last layer of every residual branch at zero: each block begins as
+    # the identity
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
 
 
 class ResBlock(nn.Module):
-    """GN, SiLU, conv3x3, + Dense(temb), GN, SiLU, dropout, conv3x3; a 1x1 conv on the skip if channels change."""
+    """GN, SiLU, conv3x3, + Dense(temb), GN, SiLU, dropout, conv3x3; a 1x1 conv on the skip if
+    channels change."""
 
     def __init__(self, c_in: int, c_out: int, temb: int, dropout: float):
         super().__init__()
@@ -402,7 +438,8 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H x W positions (Ho et al., Appendix B: at the 16x16 resolution)."""
+    """Single-head self-attention over the H x W positions (Ho et al., Appendix B: at the 16x16
+    resolution)."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -410,9 +447,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # (B, 1 head, HW, 3C) with channels innermost: the fused attention kernels take only 4-D inputs whose last
-        # dimension is contiguous (otherwise the unfused math runs, 3x slower on a CPU at 14x14); the copy is free
-        # when the activations are channels-last
+        # (B, 1 head, HW, 3C) with channels innermost: the fused attention kernels take only 4-D inputs whose
+        # last dimension is contiguous (otherwise the unfused math runs, 3x slower on a CPU at 14x14); the
+        # copy is free when the activations are channels-last
         qkv = rearrange(self.qkv(self.norm(x)), "b c h w -> b 1 (h w) c").contiguous()
         q, k, v = qkv.chunk(3, dim=-1)  # each (B, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, (B, 1, HW, C)
@@ -420,10 +457,11 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The PixelCNN++-style U-Net of Ho et al., Appendix B (DDPM++ of Song et al. 2021 is a deeper variant of it):
-    num_res_blocks residual blocks per resolution, self-attention at `attn_res`, stride-2 conv downsampling,
-    nearest-neighbour + conv upsampling, skip connections from every block of the down path, and a sinusoidal
-    embedding of time_scale * t fed to every block (1 for DDPM's integer t in 1..T, 999 for t in [0, 1])."""
+    """The PixelCNN++-style U-Net of Ho et al., Appendix B (DDPM++ of Song et al. 2021 is a deeper variant of
+    it): num_res_blocks residual blocks per resolution, self-attention at `attn_res`, stride-2 conv
+    downsampling, nearest-neighbour + conv upsampling, skip connections from every block of the down path, and
+    a sinusoidal embedding of time_scale * t fed to every block (1 for DDPM's integer t in 1..T, 999 for t
+    in [0, 1])."""
 
     def __init__(self, shape: tuple[int, int, int], channels: int = 128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_res=(16,), dropout: float = 0.1, time_scale: float = 1.0):
@@ -461,7 +499,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(c), nn.SiLU(), zero_init(nn.Conv2d(c, c_img, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.ch, self.time_scale, self.conv_in.weight.dtype))  # (B, 4 ch)
+        # (B, 4 ch)
+        temb = self.time(timestep_embedding(t, self.ch, self.time_scale, self.conv_in.weight.dtype))
         hs = [self.conv_in(x)]
         for block in self.down:
             hs.append(self._run(block, hs[-1], temb))
@@ -481,8 +520,9 @@ class UNet(nn.Module):
 # The score model and its training objective
 # ----------------------------------------------------------------------------------------------------------
 class ScoreModel(nn.Module):
-    """s_theta(x, t) = net(x, t) / sigma_t with the noise schedule of NCSN or of an SDE; `forward(x)` returns the
-    training loss (for DDP). NCSN's level i sits at t_i = (L - 1 - i) / (L - 1), where sigma(t_i) = sigma_i."""
+    """s_theta(x, t) = net(x, t) / sigma_t with the noise schedule of NCSN or of an SDE; `forward(x)` returns
+    the training loss (for DDP). NCSN's level i sits at t_i = (L - 1 - i) / (L - 1), where
+    sigma(t_i) = sigma_i."""
 
     def __init__(self, net: nn.Module, method: str, sde: SDE, objective: str = "dsm",
                  sigmas: torch.Tensor | None = None):
@@ -493,7 +533,8 @@ class ScoreModel(nn.Module):
             self.register_buffer("level_t", torch.linspace(1, 0, len(sigmas)), persistent=False)
 
     def std(self, t: torch.Tensor) -> torch.Tensor:
-        # NCSN: x~ = x + sigma z, sigma = sigma_min (sigma_max / sigma_min)^t; SDE: the kernel's standard deviation
+        # NCSN: x~ = x + sigma z, sigma = sigma_min (sigma_max / sigma_min)^t; SDE: the kernel's
+        # standard deviation
         return self.sde.sigma(t) if self.method == "ncsn" else self.sde.marginal_std(t)
 
     def perturbation(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,8 +554,8 @@ class ScoreModel(nn.Module):
         mean, std = self.perturbation(x, t)
         z = torch.randn_like(x)
         x_t = mean + bcast(std, x) * z  # x(t) ~ p_0t(x(t) | x(0))
-        # lambda = sigma^2 (NCSN, Eq. 6) or lambda(t) ∝ 1 / E||grad log p_0t||^2 = sigma_t^2 / D (Song et al. 2021,
-        # Eq. 7): lambda(t) = sigma_t^2
+        # lambda = sigma^2 (NCSN, Eq. 6) or lambda(t) ∝ 1 / E||grad log p_0t||^2 = sigma_t^2 / D
+        # (Song et al. 2021, Eq. 7): lambda(t) = sigma_t^2
         lam = std**2
         if self.objective == "dsm":
             # lambda * 1/2 ||s + (x_t - mean) / sigma^2||^2 = 1/2 ||sigma s + z||^2
@@ -542,7 +583,8 @@ def ode_log_likelihood(sde: SDE, score_fn: Callable, x: torch.Tensor, eps: float
 
     Song et al. 2021, Appendix D.2, Eq. 40 (the instantaneous change of variables of Chen et al. 2018):
     log p_0(x(0)) = log p_T(x(T)) + int_0^T div f~(x(t), t) dt, x(t) the solution of the probability-flow ODE.
-    The divergence is exact or Hutchinson's estimate with one probe fixed for the solve (Grathwohl et al. 2019).
+    The divergence is exact or Hutchinson's estimate with one probe fixed for the solve
+    (Grathwohl et al. 2019).
     """
     b, nfe = x.shape[0], [0]
     v = None if divergence == "exact" else (sample_probe(x, divergence) if probe is None else probe)
@@ -552,13 +594,15 @@ def ode_log_likelihood(sde: SDE, score_fn: Callable, x: torch.Tensor, eps: float
         with torch.enable_grad():
             y = state[0].detach().requires_grad_(True)
             drift = probability_flow_drift(sde, score_fn, y, t.expand(b))
-            div = divergence_exact(drift, y, False) if v is None else divergence_hutchinson(drift, y, v, False)[0]
+            div = (divergence_exact(drift, y, False) if v is None
+                   else divergence_hutchinson(drift, y, v, False)[0])
         return drift.detach(), div.detach()
 
     times = torch.tensor([eps, sde.T], device=x.device, dtype=x.dtype)
-    # step_t: the solver lands on the end times instead of stepping past them (the kernels are undefined for t < 0)
-    x_T, int_div = odeint(func, (x, torch.zeros(b, device=x.device, dtype=x.dtype)), times, rtol=rtol, atol=atol,
-                          method="dopri5", options={"step_t": times})
+    # step_t: the solver lands on the end times instead of stepping past them (the kernels are undefined
+    # for t < 0)
+    x_T, int_div = odeint(func, (x, torch.zeros(b, device=x.device, dtype=x.dtype)), times, rtol=rtol,
+                          atol=atol, method="dopri5", options={"step_t": times})
     return sde.prior_logp(x_T[-1]) + int_div[-1], nfe[0]
 
 
@@ -568,7 +612,8 @@ def ode_log_likelihood(sde: SDE, score_fn: Callable, x: torch.Tensor, eps: float
 def reverse_diffusion_step(sde: SDE, score_fn: Callable, x: torch.Tensor, t: torch.Tensor):
     # Song et al. 2021, Eq. 46 (Appendix E):
     # x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1} G_{i+1}^T s(x_{i+1}, i+1) + G_{i+1} z
-    # VE: Algorithm 2 lines 3-5; VP: Algorithm 3 lines 3-5, x_i = (2 - sqrt(1 - beta)) x + beta s + sqrt(beta) z
+    # VE: Algorithm 2 lines 3-5; VP: Algorithm 3 lines 3-5,
+    # x_i = (2 - sqrt(1 - beta)) x + beta s + sqrt(beta) z
     f, G = sde.discretize(x, t)
     x_mean = x - f + bcast(G**2, x) * score_fn(x, t)
     return x_mean + bcast(G, x) * torch.randn_like(x), x_mean
@@ -583,7 +628,8 @@ def euler_maruyama_step(sde: SDE, score_fn: Callable, x: torch.Tensor, t: torch.
 
 def langevin_corrector_step(sde: SDE, score_fn: Callable, x: torch.Tensor, t: torch.Tensor, snr: float):
     # Song et al. 2021, Algorithm 2 lines 7-9 (alpha = 1) and Algorithm 3 lines 7-9 (alpha_i = 1 - beta_i):
-    # eps = 2 alpha (r ||z|| / ||s||)^2, x <- x + eps s + sqrt(2 eps) z; norms averaged over the batch (authors' code)
+    # eps = 2 alpha (r ||z|| / ||s||)^2, x <- x + eps s + sqrt(2 eps) z; norms averaged over the batch
+    # (authors' code)
     s = score_fn(x, t)
     z = torch.randn_like(x)
     s_norm, z_norm = s.flatten(1).norm(dim=1).mean(), z.flatten(1).norm(dim=1).mean()
@@ -617,7 +663,8 @@ def pc_sample(sde: SDE, score_fn: Callable, shape: tuple[int, ...], device=None,
 @torch.no_grad()
 def ode_sample(sde: SDE, score_fn: Callable, z: torch.Tensor, eps: float = 1e-3, rtol: float = 1e-5,
                atol: float = 1e-5) -> tuple[torch.Tensor, int]:
-    """The probability-flow ODE (Song et al. 2021, Sec. 4.3) solved from x(T) = z to x(eps) with adaptive steps."""
+    """The probability-flow ODE (Song et al. 2021, Sec. 4.3) solved from x(T) = z to x(eps) with
+    adaptive steps."""
     nfe = [0]
 
     def func(t, x):
@@ -625,19 +672,22 @@ def ode_sample(sde: SDE, score_fn: Callable, z: torch.Tensor, eps: float = 1e-3,
         return probability_flow_drift(sde, score_fn, x, t.expand(x.shape[0]))
 
     times = torch.tensor([sde.T, eps], device=z.device, dtype=z.dtype)
-    return odeint(func, z, times, rtol=rtol, atol=atol, method="dopri5", options={"step_t": times})[-1], nfe[0]
+    return (odeint(func, z, times, rtol=rtol, atol=atol, method="dopri5", options={"step_t": times})[-1],
+            nfe[0])
 
 
 @torch.no_grad()
 def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_name: str,
            progress: Callable = iter) -> torch.Tensor:
-    """n samples in the model's coordinates with --sampler (`progress` wraps its loop; the ODE solver has none)."""
+    """n samples in the model's coordinates with --sampler (`progress` wraps its loop; the ODE solver
+    has none)."""
     device = next(model.parameters()).device
     sampler = args.sampler if args.sampler != "auto" else ("ald" if model.method == "ncsn" else "pc")
     eps = SAMPLE_EPS["ve" if model.method == "ncsn" else sde_name]
     if sampler == "ald":
+        # images: uniform noise (Song & Ermon 2019)
         x = torch.rand(n, *shape, device=device) if len(shape) == 3 else \
-            torch.randn(n, *shape, device=device) * model.sigmas[0]  # images: uniform noise (Song & Ermon 2019)
+            torch.randn(n, *shape, device=device) * model.sigmas[0]
         return annealed_langevin(lambda y, i: model.score(y, model.level_t[i].expand(n)), x, model.sigmas,
                                  args.ald_eps, args.ald_steps, progress)
     if sampler == "ode":
@@ -653,7 +703,8 @@ def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_na
 # Evaluation and pictures
 # ----------------------------------------------------------------------------------------------------------
 def centered(method: str, sde_name: str) -> bool:
-    return method == "sde" and sde_name != "ve"  # VP / sub-VP on [-1, 1], VE and NCSN on [0, 1] (authors' code)
+    # VP / sub-VP on [-1, 1], VE and NCSN on [0, 1] (authors' code)
+    return method == "sde" and sde_name != "ve"
 
 
 def to_model(x: torch.Tensor, kind: str, center: bool) -> torch.Tensor:
@@ -679,11 +730,12 @@ def evaluate(model: ScoreModel, x: torch.Tensor, data: common.Data, args: Args, 
     what = f"test NLL by the probability-flow ODE ({divergence} divergence), {len(x):,} " + \
         ("points" if data.kind == "toy" else "images")
     for xb in common.progress(x.split(TOY_BATCH if data.kind == "toy" else IMAGE_BATCH), what, len(x)):
-        log_p, n = ode_log_likelihood(model.sde, model.score, to_model(xb, data.kind, center), T_EPS, args.rtol,
-                                      args.atol, divergence)
+        log_p, n = ode_log_likelihood(model.sde, model.score, to_model(xb, data.kind, center), T_EPS,
+                                      args.rtol, args.atol, divergence)
         total, nfe, solves = total + log_p.sum().item(), nfe + n, solves + 1
     nll = -total / len(x)
-    if data.kind == "8bit":  # a density over the dequantized data: bins 1/256 wide on [0, 1], 2/256 on [-1, 1]
+    # a density over the dequantized data: bins 1/256 wide on [0, 1], 2/256 on [-1, 1]
+    if data.kind == "8bit":
         out = {"nll_bpd": common.bits_per_dim(nll, data.num_dims, bin_width=(2 if center else 1) / 256)}
     else:
         out = {"nll_nats": nll, "kl_data_model": nll - data.entropy}  # KL(data || model) = NLL - H(data)
@@ -702,7 +754,8 @@ def grid_points(bins: int, lim: float, device=None, dtype: torch.dtype | None = 
 
 @torch.no_grad()
 def density_on_grid(model: ScoreModel, bins: int = GRID_BINS, lim: float = GRID_LIM, tol: float = GRID_TOL):
-    """p(x) of a 2D model from the probability-flow ODE (exact divergence) at the grid centres: (bins, bins)."""
+    """p(x) of a 2D model from the probability-flow ODE (exact divergence) at the grid centres:
+    (bins, bins)."""
     points = grid_points(bins, lim, next(model.parameters()).device)
     log_p = torch.cat([ode_log_likelihood(model.sde, model.score, p, T_EPS, tol, tol)[0]
                        for p in points.split(TOY_BATCH)])
@@ -710,18 +763,21 @@ def density_on_grid(model: ScoreModel, bins: int = GRID_BINS, lim: float = GRID_
 
 
 @torch.no_grad()
-def draw_pictures(model: ScoreModel, data: common.Data, run: common.Run, args: Args, step: int, center: bool) -> None:
-    """samples.png (a grid, or a 2D histogram for toys) and a copy per evaluation; toys: density.png and data.png."""
+def draw_pictures(model: ScoreModel, data: common.Data, run: common.Run, args: Args, step: int,
+                  center: bool) -> None:
+    """samples.png (a grid, or a 2D histogram for toys) and a copy per evaluation; toys: density.png and
+    data.png."""
     if data.kind == "toy":
-        x = sample(model, TOY_SAMPLES, data.shape, args, args.sde, common.steps_bar(f"sampling {TOY_SAMPLES:,} points"))
+        x = sample(model, TOY_SAMPLES, data.shape, args, args.sde,
+                   common.steps_bar(f"sampling {TOY_SAMPLES:,} points"))
         counts = common.histogram_2d(x, GRID_BINS, GRID_LIM)
         common.save_heatmap(run.path("density.png"), density_on_grid(model, args.grid_bins))
         common.save_heatmap(run.path("data.png"), common.histogram_2d(data.test_x, GRID_BINS, GRID_LIM))
         for name in ("samples.png", f"samples_{step:07d}.png"):
             common.save_heatmap(run.path(name), counts)
         return
-    x = to_data(sample(model, 64, data.shape, args, args.sde, common.steps_bar("sampling 64 images")), data.kind,
-                center)
+    x = to_data(sample(model, 64, data.shape, args, args.sde, common.steps_bar("sampling 64 images")),
+                data.kind, center)
     for name in ("samples.png", f"samples_{step:07d}.png"):
         common.save_grid(run.path(name), x, nrow=8)
 
@@ -772,8 +828,8 @@ def default_sigma_max(data: common.Data, args: Args) -> float:
 def build_model(data: common.Data, args: Args) -> ScoreModel:
     if data.kind == "toy":
         # the embedding of 30 t, not 999 t: its fastest features then oscillate 33 times slower in t, and the
-        # adaptive ODE solver took 710 function evaluations per likelihood solve with 999 t against 140 with 30 t
-        # (same training)
+        # adaptive ODE solver took 710 function evaluations per likelihood solve with 999 t against 140 with
+        # 30 t (same training)
         net = MLP(data.shape[0], args.hidden, time_scale=30.0)
     else:
         res = data.shape[1]
@@ -781,16 +837,19 @@ def build_model(data: common.Data, args: Args) -> ScoreModel:
         net = UNet(data.shape, args.channels or (128 if res >= 32 else 64), mult, args.num_res_blocks,
                    args.attn_res or (res // 2,), args.dropout, time_scale=999.0)
     sigma_max = default_sigma_max(data, args)
-    if args.method == "ncsn":  # NCSN's ladder, and the VE SDE it discretizes (for the ODE likelihood and pc/em/ode)
+    # NCSN's ladder, and the VE SDE it discretizes (for the ODE likelihood and pc/em/ode)
+    if args.method == "ncsn":
         sde = VESDE(args.sigma_min, sigma_max, args.sample_steps)
-        return ScoreModel(net, "ncsn", sde, args.objective, ncsn_sigmas(sigma_max, args.sigma_min, args.num_scales))
+        return ScoreModel(net, "ncsn", sde, args.objective,
+                          ncsn_sigmas(sigma_max, args.sigma_min, args.num_scales))
     return ScoreModel(net, "sde", make_sde(args.sde, args, sigma_max), args.objective)
 
 
 def check_args(data: common.Data, args: Args) -> None:
     if args.objective == "ism" and data.num_dims > EXACT_TRACE_MAX_DIMS:
-        raise common.RunError(f"--objective ism takes {data.num_dims} backward passes per step here: use ssm or dsm "
-                              f"for more than {EXACT_TRACE_MAX_DIMS} dimensions")
+        raise common.RunError(
+            f"--objective ism takes {data.num_dims} backward passes per step here: use ssm or dsm "
+            f"for more than {EXACT_TRACE_MAX_DIMS} dimensions")
     if args.sampler == "ald" and args.method != "ncsn":
         raise common.RunError("--sampler ald anneals over NCSN's sigmas: use it with --method ncsn")
 
@@ -798,8 +857,9 @@ def check_args(data: common.Data, args: Args) -> None:
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
     if common.dataset_kind(args.dataset) == "binary":  # refused before any data is read or downloaded
-        raise common.DataError(f"ncsn_sde.py models densities of continuous data: use mnist (8-bit, dequantized), "
-                               f"not {args.dataset}")
+        raise common.DataError(
+            f"ncsn_sde.py models densities of continuous data: use mnist (8-bit, dequantized), "
+            f"not {args.dataset}")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     check_args(data, args)
     center = data.kind == "8bit" and centered(args.method, args.sde)
@@ -815,12 +875,14 @@ def train(args: Args) -> dict:
     total = args.steps or (20_000 if data.kind == "toy" else 1_300_000 if data.shape[1] >= 32 else 50_000)
     eval_every = args.eval_every or max(1, total // 5)
     what = f"NCSN, L = {args.num_scales}" if args.method == "ncsn" else f"{args.sde} SDE"
-    run.print(f"ncsn_sde: {what}, {args.objective}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{data.name} {data.shape}, {total} steps of {args.batch_size} x {dist.world_size}, device {device}")
+    run.print(
+        f"ncsn_sde: {what}, {args.objective}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{data.name} {data.shape}, {total} steps of {args.batch_size} x {dist.world_size}, device {device}")
 
     for step in run.steps(start, total, args.batch_size * dist.world_size):
         x, _ = batches(step)
-        for group in optimizer.param_groups:  # Song et al. 2021, Appendix H: linear warm-up of the learning rate
+        # Song et al. 2021, Appendix H: linear warm-up of the learning rate
+        for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         with common.autocast(device, args.amp):
             loss, metrics = ddp(to_model(x, data.kind, center))
@@ -836,7 +898,8 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, ema.model, data, args, step + 1, n, center)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, ema.model, data, args, total, args.eval_n, center)

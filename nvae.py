@@ -5,24 +5,28 @@ generative tower, shared by the prior p(z_l | z_<l) and the posterior q(z_l | x,
 the coarsest to the finest and decodes x. Trained on the hierarchical ELBO (Eq. 1) with one closed-form KL per
 group, the residual normal posterior (Eq. 2), spectral regularization, KL warm-up and KL balancing.
 
-    python nvae.py --quick                              # seconds on a CPU: 30 steps of 32, 100 test images, k = 10
-    python nvae.py --dataset binarized_mnist            # the small CPU model: 4 groups at 8x8 and 4x4, 3 epochs
+    python nvae.py --quick                              # seconds on a CPU: 30 steps of 32, 100 test images,
+                                                        # k = 10
+    python nvae.py --dataset binarized_mnist            # the small CPU model: 4 groups at 8x8 and 4x4,
+                                                        # 3 epochs
     python nvae.py --eval-n 1000 --eval-k 100           # the same, evaluated on 1000 test images with k = 100
-    python nvae.py --paper-mnist                        # the paper's MNIST model (GPU): 2 x 5 groups, 400 epochs
+    python nvae.py --paper-mnist                        # the paper's MNIST model (GPU): 2 x 5 groups,
+                                                        # 400 epochs
     python nvae.py --paper-cifar10                      # the paper's CIFAR-10 model without its flows (GPUs)
     python nvae.py --dataset mnist --mixtures 10        # 8-bit data: discretized logistic mixture, bits/dim
-    python nvae.py --dataset mnist --steps 700 --eval-n 500 --eval-k 20   # CPU recipe: 30 minutes, 8-bit MNIST
+    python nvae.py --dataset mnist --steps 700 --eval-n 500 --eval-k 20  # CPU recipe: 30 minutes, 8-bit MNIST
     torchrun --nproc_per_node=2 nvae.py --paper-mnist --batch-size 200
 
 Networks (Sec. 3.1, Fig. 2-3): encoder cells BN-Swish-conv3x3-BN-Swish-conv3x3-SE; generative cells
 BN-conv1x1-BN-Swish-dwconv5x5-BN-Swish-conv1x1-BN-SE (depthwise separable, expansion E); each cell is
 residual. The first group's prior is N(0, I); every later prior and every posterior comes from the shared
 top-down state h. Likelihoods: Bernoulli for binarized MNIST (nats), a discretized logistic mixture for 8-bit
-data (Salimans et al. 2017; bits/dim). Evaluation: the ELBO and the importance-weighted NLL (Burda et al. 2016,
-k = 1000, chunked, vectorized over samples); the final `nll_nats` / `nll_bpd` is that IWAE estimate. On a CPU
-the k = 1000 evaluation of all 10,000 test images costs 10 million top-down passes (hours), hence the 2nd command.
-Sampling with temperature t (z_l = mu_p + t sigma_p eps), optionally after re-estimating the batch-norm
-statistics in train mode at that temperature (Sec. 5, "the BN statistics readjustment"), on a copy.
+data (Salimans et al. 2017; bits/dim). Evaluation: the ELBO and the importance-weighted NLL
+(Burda et al. 2016, k = 1000, chunked, vectorized over samples); the final `nll_nats` / `nll_bpd` is that
+IWAE estimate. On a CPU the k = 1000 evaluation of all 10,000 test images costs 10 million top-down passes
+(hours), hence the 2nd command. Sampling with temperature t (z_l = mu_p + t sigma_p eps), optionally after
+re-estimating the batch-norm statistics in train mode at that temperature (Sec. 5, "the BN statistics
+readjustment"), on a copy.
 
 Scaled down from the paper (default configuration, for 2 CPU cores): 8 channels at 32x32 doubling with every
 halving (32 at 8x8, 64 at 4x4) instead of 32; 2 groups per scale instead of 5; 8 latent channels per group
@@ -63,9 +67,12 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset (binarized_mnist, mnist, cifar10, ...; see README)
-    channels: int = 8  # stem channels at full size, doubled at every halving (paper: 32 MNIST, 128 CIFAR-10); >= 1
-    pre_blocks: int = 2  # pre-processing blocks, each halving the resolution (post-processing mirrors them); >= 0
-    scales: int = 2  # latent scales, from the coarsest; each finer scale doubles the resolution (paper MNIST: 2); >= 1
+    channels: int = 8  # stem channels at full size, doubled at every halving
+                       # (paper: 32 MNIST, 128 CIFAR-10); >= 1
+    pre_blocks: int = 2  # pre-processing blocks, each halving the resolution (post-processing
+                         # mirrors them); >= 0
+    scales: int = 2  # latent scales, from the coarsest; each finer scale doubles the resolution
+                     # (paper MNIST: 2); >= 1
     groups: int = 2  # latent groups per scale (paper: 5 MNIST, 30 CIFAR-10); >= 1
     z_channels: int = 8  # channels of each latent group (paper: 20); >= 1
     cells: int = 1  # residual cells per group, encoder and decoder (paper: 1 MNIST, 2 CIFAR-10); >= 1
@@ -77,12 +84,17 @@ class Args:
     lr: float = 1e-2  # Adamax learning rate, cosine-decayed to lr_min (paper: 1e-2); > 0
     lr_min: float = 1e-4  # final learning rate of the cosine decay (paper: 1e-4); >= 0
     weight_decay: float = 3e-4  # Adamax weight decay (authors' code: 3e-4); >= 0
-    kl_warmup: float = 0.3  # fraction of the steps over which the KL weight rises linearly to 1 (paper: 0.3); in [0, 1]
+    kl_warmup: float = 0.3  # fraction of the steps over which the KL weight rises linearly to 1
+                            # (paper: 0.3); in [0, 1]
     kl_balance: bool = True  # KL balancing across groups during warm-up (paper: on)
-    sr_weight: float = 1e-2  # lambda, weight of the spectral regularization sum_i s_i (paper: 1e-2 MNIST); >= 0
-    sr_iters: int = 1  # power iterations per training step on the persistent u, v (20 at the first step); >= 1
-    temperature: float = 1.0  # sampling temperature t of the prior for the pictures (paper shows t in 0.6-1); >= 0
-    bn_readjust: int = 0  # batches of 100 samples to re-estimate BN statistics before drawing pictures (0: off); >= 0
+    sr_weight: float = 1e-2  # lambda, weight of the spectral regularization sum_i s_i
+                             # (paper: 1e-2 MNIST); >= 0
+    sr_iters: int = 1  # power iterations per training step on the persistent u, v (20 at the
+                       # first step); >= 1
+    temperature: float = 1.0  # sampling temperature t of the prior for the pictures
+                              # (paper shows t in 0.6-1); >= 0
+    bn_readjust: int = 0  # batches of 100 samples to re-estimate BN statistics before drawing pictures
+                          # (0: off); >= 0
     eval_k: int = 1000  # importance samples for the final test log-likelihood; >= 1
     eval_n: int = 0  # test examples to evaluate (0: all); >= 0
     eval_every: int = 0  # steps between test ELBO evaluations (0: once per epoch); >= 0
@@ -165,7 +177,8 @@ class Conv2d(nn.Conv2d):
         self.register_buffer("sr_v", F.normalize(torch.randn(cols), dim=0))
 
     def spectral_norm(self, iters: int = 1) -> torch.Tensor:
-        """s = u^T W v after `iters` power iterations on u, v (updated in place, no gradient); s carries W's."""
+        """s = u^T W v after `iters` power iterations on u, v (updated in place, no gradient);
+        s carries W's."""
         weight = self.weight.flatten(1)  # (C_out, C_in * k * k)
         with torch.no_grad():
             for _ in range(iters):
@@ -188,7 +201,8 @@ def batch_norm(c: int) -> nn.BatchNorm2d:
 
 
 class SqueezeExcitation(nn.Module):
-    """Hu et al. 2018: channel gates sigmoid(W2 relu(W1 avgpool(h))) multiply h (Vahdat & Kautz 2020, Fig. 3)."""
+    """Hu et al. 2018: channel gates sigmoid(W2 relu(W1 avgpool(h))) multiply h
+    (Vahdat & Kautz 2020, Fig. 3)."""
 
     def __init__(self, c: int, reduction: int = 16):
         super().__init__()
@@ -218,8 +232,8 @@ class EncoderCell(nn.Module):
 class GenerativeCell(nn.Module):
     """Fig. 3a: BN-conv1x1(C -> EC)-BN-Swish-dwconv5x5-BN-Swish-conv1x1(EC -> C)-BN-SE, residual.
 
-    Depthwise separable: the 5x5 convolution has one filter per channel (groups = EC), so its cost grows with EC,
-    not (EC)^2. `up` doubles H, W (nearest neighbour) and halves C.
+    Depthwise separable: the 5x5 convolution has one filter per channel (groups = EC), so its cost grows with
+    EC, not (EC)^2. `up` doubles H, W (nearest neighbour) and halves C.
     """
 
     def __init__(self, c: int, expansion: int, up: bool = False):
@@ -239,7 +253,8 @@ class GenerativeCell(nn.Module):
 
 
 class NormalHead(nn.Module):
-    """ELU then a convolution to (mu, log_sigma) of a latent group, each (B, z_channels, H, W), soft-clamped."""
+    """ELU then a convolution to (mu, log_sigma) of a latent group, each (B, z_channels, H, W),
+    soft-clamped."""
 
     def __init__(self, c: int, z_channels: int, kernel: int):
         super().__init__()
@@ -310,12 +325,15 @@ def mixture_params_per_pixel(c: int, mixtures: int) -> int:
 
 
 def _split_mixture(params: torch.Tensor, c: int, mixtures: int):
-    """params (B, P, H, W) -> logits (B, M, H, W), means, log_scales (B, M, C, H, W), coeffs (B, M, 3, H, W)."""
+    """params (B, P, H, W) -> logits (B, M, H, W), means, log_scales (B, M, C, H, W),
+    coeffs (B, M, 3, H, W)."""
     m = mixtures
     logits = params[:, :m]
     means = rearrange(params[:, m : m + m * c], "b (m c) h w -> b m c h w", m=m)
-    log_scales = rearrange(params[:, m + m * c : m + 2 * m * c], "b (m c) h w -> b m c h w", m=m).clamp(min=-7.0)
-    coeffs = torch.tanh(rearrange(params[:, m + 2 * m * c :], "b (m k) h w -> b m k h w", m=m)) if c == 3 else None
+    log_scales = rearrange(params[:, m + m * c : m + 2 * m * c], "b (m c) h w -> b m c h w",
+                           m=m).clamp(min=-7.0)
+    coeffs = (torch.tanh(rearrange(params[:, m + 2 * m * c :], "b (m k) h w -> b m k h w", m=m)) if c == 3
+              else None)
     return logits, means, log_scales, coeffs
 
 
@@ -342,7 +360,8 @@ def discretized_mixture_log_prob(x: torch.Tensor, params: torch.Tensor, mixtures
 
 
 def sample_discretized_mixture(params: torch.Tensor, c: int, mixtures: int) -> torch.Tensor:
-    """x ~ the mixture, pixel by pixel in parallel and channel by channel: (B, C, H, W) in {0, ..., 255}/255."""
+    """x ~ the mixture, pixel by pixel in parallel and channel by channel: (B, C, H, W) in
+    {0, ..., 255}/255."""
     logits, means, log_scales, coeffs = _split_mixture(params, c, mixtures)
     gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)))
     pick = F.one_hot((logits + gumbel).argmax(1), mixtures).permute(0, 3, 1, 2)[:, :, None].to(params.dtype)
@@ -382,8 +401,9 @@ class NVAE(nn.Module):
         self.scales, self.groups, self.z_channels = scales, groups, z_channels
         factor = 2 ** (pre_blocks + scales - 1)
         self.padded = (math.ceil(height / factor) * factor, math.ceil(width / factor) * factor)
+        # left right top bottom
         self.pad = ((self.padded[1] - width) // 2, (self.padded[1] - width + 1) // 2,
-                    (self.padded[0] - height) // 2, (self.padded[0] - height + 1) // 2)  # left right top bottom
+                    (self.padded[0] - height) // 2, (self.padded[0] - height + 1) // 2)
         self.num_groups = scales * groups
         c_latent = channels * 2**pre_blocks  # channels at the finest latent scale
         c_top = c_latent * 2 ** (scales - 1)  # channels at the coarsest (top) scale
@@ -396,37 +416,44 @@ class NVAE(nn.Module):
         self.enc_down = nn.ModuleList()
         for s in range(scales):
             c = c_latent * 2**s
-            self.enc_groups.extend(nn.Sequential(*[EncoderCell(c) for _ in range(cells)]) for _ in range(groups))
+            self.enc_groups.extend(nn.Sequential(*[EncoderCell(c) for _ in range(cells)])
+                                   for _ in range(groups))
             if s < scales - 1:
                 self.enc_down.append(EncoderCell(c, down=True))
         self.enc0 = nn.Sequential(nn.ELU(), Conv2d(c_top, c_top, 1))  # top feature -> q(z_1 | x)
 
-        # top-down: a learned initial state h_0, then per group (coarsest first) cells, prior, posterior, combine
+        # top-down: a learned initial state h_0, then per group (coarsest first) cells, prior,
+        # posterior, combine
         self.h0 = nn.Parameter(torch.zeros(1, c_top, *top_size))
         self.group_channels = [c_top // 2 ** (l // groups) for l in range(self.num_groups)]  # top-down order
-        self.dec_up = nn.ModuleList(GenerativeCell(c_top // 2**s, expansion, up=True) for s in range(scales - 1))
+        self.dec_up = nn.ModuleList(GenerativeCell(c_top // 2**s, expansion, up=True)
+                                    for s in range(scales - 1))
         self.dec_cells = nn.ModuleList(
             nn.Sequential(*[GenerativeCell(c, expansion) for _ in range(cells)]) if l > 0 else nn.Identity()
             for l, c in enumerate(self.group_channels))
         self.prior_heads = nn.ModuleList(
-            NormalHead(c, z_channels, 1) if l > 0 else nn.Identity() for l, c in enumerate(self.group_channels))
+            NormalHead(c, z_channels, 1) if l > 0 else nn.Identity()
+            for l, c in enumerate(self.group_channels))
         self.posterior_heads = nn.ModuleList(NormalHead(c, z_channels, 3) for c in self.group_channels)
         self.enc_combiners = nn.ModuleList(
             EncoderCombiner(c) if l > 0 else nn.Identity() for l, c in enumerate(self.group_channels))
         self.dec_combiners = nn.ModuleList(DecoderCombiner(c, z_channels) for c in self.group_channels)
 
-        # post-processing mirrors the pre-processing (doubling), then ELU + conv3x3 to the likelihood parameters
+        # post-processing mirrors the pre-processing (doubling), then ELU + conv3x3 to the
+        # likelihood parameters
         self.post = nn.Sequential(*[GenerativeCell(c_latent // 2**i, expansion, up=True)
                                     for i in range(pre_blocks)])
         out = 1 if likelihood == "bernoulli" else mixture_params_per_pixel(c_img, mixtures)
         self.head = nn.Sequential(nn.ELU(), Conv2d(channels, out, 3, padding=1))
         # number of dimensions of each group (for KL balancing), top-down order
-        sizes = [z_channels * (top_size[0] * top_size[1]) * 4 ** (l // groups) for l in range(self.num_groups)]
+        sizes = [z_channels * (top_size[0] * top_size[1]) * 4 ** (l // groups)
+                 for l in range(self.num_groups)]
         self.register_buffer("group_sizes", torch.tensor(sizes, dtype=torch.float32))
 
     # -- the towers ---------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Bottom-up: x (B, C, H, W) in [0, 1] -> one feature per group, in top-down order (coarsest first)."""
+        """Bottom-up: x (B, C, H, W) in [0, 1] -> one feature per group, in top-down order
+        (coarsest first)."""
         h = self.pre(self.stem(F.pad(2 * x - 1, self.pad)))
         features = []
         for s in range(self.scales):
@@ -444,8 +471,8 @@ class NVAE(nn.Module):
 
         With `features` (posterior, training and evaluation): z_l ~ q(z_l | x, z_<l) = N(mu_p + delta_mu,
         sigma_p delta_sigma). Without (sampling, n images): z_l ~ N(mu_p, (t sigma_p)^2). `zs[l]`, when given
-        and not None, replaces the draw of group l. Returns the likelihood parameters (B, P, H, W) and one dict
-        per group (top-down) with z, mu_p, log_sigma_p and, for the posterior, delta_mu, delta_log_sigma.
+        and not None, replaces the draw of group l. Returns the likelihood parameters (B, P, H, W) and one
+        dict per group (top-down) with z, mu_p, log_sigma_p and, for the posterior, delta_mu, delta_log_sigma.
         """
         n = len(features[0]) if features is not None else n
         h = self.h0.expand(n, -1, -1, -1)
@@ -493,14 +520,15 @@ class NVAE(nn.Module):
             return torch.sigmoid(params)
         return sample_discretized_mixture(params, self.shape[0], self.mixtures)
 
-    def forward(self, x: torch.Tensor, kl_weight: float = 1.0, kl_balance: bool = False, sr_weight: float = 0.0,
-                sr_iters: int = 1):
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0, kl_balance: bool = False,
+                sr_weight: float = 0.0, sr_iters: int = 1):
         """The training loss (for DDP): -ELBO with the KL weighted and balanced, plus lambda L_SR."""
         params, groups = self.top_down(self.encode(x))
         rec = self.log_px_given_z(x, params)  # (B,) log p(x | z), one sample
         kl_groups = torch.stack([residual_normal_kl(g["delta_mu"], g["delta_log_sigma"], g["log_sigma_p"])
                                  .flatten(1).sum(1) for g in groups], dim=1)  # (B, L)
-        # Vahdat & Kautz 2020, Eq. 1: ELBO = E_q[log p(x|z)] - sum_l E_q(z_<l|x)[KL(q(z_l|x,z_<l) || p(z_l|z_<l))]
+        # Vahdat & Kautz 2020, Eq. 1:
+        # ELBO = E_q[log p(x|z)] - sum_l E_q(z_<l|x)[KL(q(z_l|x,z_<l) || p(z_l|z_<l))]
         kl = kl_groups.sum(1)
         elbo = rec - kl
         if kl_balance and kl_weight < 1:  # Appendix A: balancing only during warm-up
@@ -530,11 +558,12 @@ def log_weights(model: NVAE, x: torch.Tensor, features: list[torch.Tensor]) -> t
     return log_w
 
 
-def importance_weighted_log_px(model: NVAE, x: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+def importance_weighted_log_px(model: NVAE, x: torch.Tensor, k: int,
+                               chunk: int | None = None) -> torch.Tensor:
     """log p(x) ~ log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x): (B,).
 
-    Burda et al. 2016, Eq. 8, with q the hierarchical posterior. The encoder runs once; the top-down tower runs
-    on the features repeated `chunk` times (sample-major rows), so each chunk is one vectorized pass.
+    Burda et al. 2016, Eq. 8, with q the hierarchical posterior. The encoder runs once; the top-down tower
+    runs on the features repeated `chunk` times (sample-major rows), so each chunk is one vectorized pass.
     """
     chunk = chunk or k
     features = model.encode(x)
@@ -548,11 +577,12 @@ def importance_weighted_log_px(model: NVAE, x: torch.Tensor, k: int, chunk: int 
 
 @torch.no_grad()
 def evaluate(model: NVAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) -> dict[str, float]:
-    """Test ELBO, its KL and reconstruction terms, KL per group; with k > 0 the importance-weighted log p(x)."""
+    """Test ELBO, its KL and reconstruction terms, KL per group; with k > 0 the importance-weighted
+    log p(x)."""
     sums = {"elbo": 0.0, "kl": 0.0, "log_px": 0.0}
     kl_groups = 0.0
-    for xb in common.progress(x.split(batch_size), f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""),
-                              len(x)):
+    for xb in common.progress(x.split(batch_size),
+                              f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""), len(x)):
         params, groups = model.top_down(model.encode(xb))
         kl = torch.stack([residual_normal_kl(g["delta_mu"], g["delta_log_sigma"], g["log_sigma_p"])
                           .flatten(1).sum(1) for g in groups], dim=1)  # (B, L)
@@ -601,7 +631,8 @@ def readjust_batch_norm(model: NVAE, batches: int, t: float = 1.0, n: int = 100)
     """A copy of the model whose BN statistics are re-estimated from its own samples at temperature t.
 
     Vahdat & Kautz 2020, Sec. 5: the running statistics were collected on posterior samples; before sampling
-    at t < 1 they are recomputed by drawing `batches` batches in train mode (cumulative averages, momentum None).
+    at t < 1 they are recomputed by drawing `batches` batches in train mode (cumulative averages,
+    momentum None).
     """
     copied = copy.deepcopy(model)
     generative_path = [*copied.dec_up.modules(), *copied.dec_cells.modules(), *copied.post.modules()]
@@ -655,8 +686,8 @@ def train(args: Args) -> dict:
     if common.dataset_kind(args.dataset) == "toy":  # refused before any data is read or downloaded
         raise common.RunError("nvae.py models images; use vae.py or flows.py for the 2D toys")
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    model = NVAE(data.shape, LIKELIHOOD_OF[data.kind], args.channels, args.pre_blocks, args.scales, args.groups,
-                 args.z_channels, args.cells, args.expansion, args.mixtures).to(device)
+    model = NVAE(data.shape, LIKELIHOOD_OF[data.kind], args.channels, args.pre_blocks, args.scales,
+                 args.groups, args.z_channels, args.cells, args.expansion, args.mixtures).to(device)
     # NHWC activations: the depthwise 5x5 convolutions run about 3x faster on CPU (oneDNN), no slower on GPUs
     model = model.to(memory_format=torch.channels_last)
     # Sec. 4 / authors' code: Adamax with weight decay; the cosine schedule is set below at every step
@@ -669,9 +700,10 @@ def train(args: Args) -> dict:
     total = args.steps or args.epochs * batches.steps_per_epoch
     eval_every = args.eval_every or batches.steps_per_epoch
     warmup = max(1, round(args.kl_warmup * total))
-    run.print(f"nvae: {sum(p.numel() for p in model.parameters()):,} parameters, {model.num_groups} latent groups "
-              f"of {args.z_channels} channels, {data.name} {data.shape}, {total} steps of {args.batch_size} x "
-              f"{dist.world_size}, device {device}")
+    run.print(
+        f"nvae: {sum(p.numel() for p in model.parameters()):,} parameters, {model.num_groups} latent groups "
+        f"of {args.z_channels} channels, {data.name} {data.shape}, {total} steps of {args.batch_size} x "
+        f"{dist.world_size}, device {device}")
 
     for step in run.steps(start, total, args.batch_size * dist.world_size):
         x, _ = batches(step)
@@ -680,7 +712,8 @@ def train(args: Args) -> dict:
         # KL warm-up: the KL weight rises linearly over the first kl_warmup of the run (min 1e-4)
         kl_weight = max(min(1.0, (step + 1) / warmup), 1e-4) if args.kl_warmup > 0 else 1.0
         with common.autocast(device, args.amp):
-            loss, metrics = ddp(x, kl_weight, args.kl_balance, args.sr_weight, 20 if step == 0 else args.sr_iters)
+            loss, metrics = ddp(x, kl_weight, args.kl_balance, args.sr_weight,
+                                20 if step == 0 else args.sr_iters)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -689,11 +722,13 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, model, data, args, step + 1, k=0)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total, k=args.eval_k)
 
 
 if __name__ == "__main__":
-    common.cli(train, Args, presets={"quick": QUICK, "paper_mnist": PAPER_MNIST, "paper_cifar10": PAPER_CIFAR10})
+    common.cli(train, Args,
+               presets={"quick": QUICK, "paper_mnist": PAPER_MNIST, "paper_cifar10": PAPER_CIFAR10})

@@ -14,36 +14,38 @@ LSTM along the diagonals in both directions (Diagonal BiLSTM). The test NLL is e
     python pixelcnn.py                                          # PixelCNN, binarized MNIST: 7 layers, h = 16
     python pixelcnn.py --arch diagbilstm                        # the paper's best MNIST model, one epoch
     python pixelcnn.py --arch rowlstm --epochs 2
-    python pixelcnn.py --arch pixelcnn --dataset cifar10        # the paper's CIFAR-10 size: 15 blocks, h = 128
+    python pixelcnn.py --arch pixelcnn --dataset cifar10        # the paper's CIFAR-10 size: 15 blocks,
+                                                                # h = 128
     torchrun --nproc_per_node=2 pixelcnn.py --arch pixelcnn
 
 Architecture (the paper's Table 1): a 7x7 mask-A convolution; `--layers` residual blocks (PixelCNN: 1x1, 3x3
 mask B, 1x1) or residual LSTM layers (Row LSTM: input-to-state 3x1 mask B, state-to-state 3x1; Diagonal
-BiLSTM: input-to-state 1x1 mask B, state-to-state 2x1 on the skewed map); ReLU and two 1x1 mask-B convolutions;
-a softmax per sub-pixel. Units: nats per image for binarized MNIST, bits/dim for 8-bit data.
+BiLSTM: input-to-state 1x1 mask B, state-to-state 2x1 on the skewed map); ReLU and two 1x1 mask-B
+convolutions; a softmax per sub-pixel. Units: nats per image for binarized MNIST, bits/dim for 8-bit data.
 
 Deviations from the paper:
 - Binarized MNIST is dynamically binarized (a fresh draw per batch, test set drawn once); the paper reports a
   fixed binarization (--dataset static_binarized_mnist trains on the usual one).
 - Binary pixels use a 2-way softmax, which equals the paper's sigmoid with logit l_1 - l_0.
-- Optimizer (Adam, lr 1e-3, batch 32), the width of the two output convolutions (--out-hidden) and the training
-  length are ours; CPU budgets are far shorter than the paper's training.
+- Optimizer (Adam, lr 1e-3, batch 32), the width of the two output convolutions (--out-hidden) and the
+  training length are ours; CPU budgets are far shorter than the paper's training.
 - Skewed-map positions outside the image hold zero states (a zero boundary, as above the first row); the
   paper leaves the boundary open.
-- The state-to-state kernels are applied as matrices on the stacked neighbouring states (the same linear map as
-  the paper's k x 1 and 2 x 1 convolutions; a matmul is several times cheaper than a tiny conv1d on a CPU).
+- The state-to-state kernels are applied as matrices on the stacked neighbouring states (the same linear map
+  as the paper's k x 1 and 2 x 1 convolutions; a matmul is several times cheaper than a tiny conv1d on a CPU).
 
-A finding the tests pin down: the Diagonal BiLSTM sees the whole context but for one pixel. The 7x7 mask-A first
-layer keeps x_(i-1, W-1) out of every feature of row i - 1, and the shifted right-to-left pass reads only row
-i - 1, so pixels (i, j) with j < W - 4 never see the last pixel of the row above. The last pixel of the image
-does depend on every earlier pixel. PixelCNN has its blind spot to the upper right; the Row LSTM a triangle.
+A finding the tests pin down: the Diagonal BiLSTM sees the whole context but for one pixel. The 7x7 mask-A
+first layer keeps x_(i-1, W-1) out of every feature of row i - 1, and the shifted right-to-left pass reads
+only row i - 1, so pixels (i, j) with j < W - 4 never see the last pixel of the row above. The last pixel of
+the image does depend on every earlier pixel. PixelCNN has its blind spot to the upper right;
+the Row LSTM a triangle.
 
 Sampling: the Row LSTM and the Diagonal BiLSTM carry their states pixel by pixel (one pixel of each layer per
 sub-pixel, and for the Diagonal BiLSTM one right-to-left sweep per finished row); the PixelCNN has no state
 and reruns its network once per sub-pixel on the 4 + layers rows its receptive field spans.
 
-Expected result: README.md's rows pixelcnn-bmnist, rowlstm-bmnist, diagbilstm-bmnist and pixelcnn-mnist have the
-measured test NLL (30-minute CPU budgets) next to the paper's 81.30 (PixelCNN), 80.54 (Row LSTM) and 79.20
+Expected result: README.md's rows pixelcnn-bmnist, rowlstm-bmnist, diagbilstm-bmnist and pixelcnn-mnist have
+the measured test NLL (30-minute CPU budgets) next to the paper's 81.30 (PixelCNN), 80.54 (Row LSTM) and 79.20
 (Diagonal BiLSTM, 7 layers, h = 16) nats on binarized MNIST.
 """
 
@@ -64,9 +66,11 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset (see README)
-    arch: Literal["pixelcnn", "rowlstm", "diagbilstm"] = "pixelcnn"  # which of the paper's three networks (the fastest)
+    arch: Literal["pixelcnn", "rowlstm", "diagbilstm"] = "pixelcnn"  # which of the paper's three networks
+                                                                     # (the fastest)
     layers: int = 0  # residual blocks or LSTM layers (0: the paper's: 7; CIFAR-10 15 PixelCNN, 12 LSTM); >= 0
-    hidden: int = 0  # h: LSTM state size; the layers carry 2h features (0: the paper's, 16 MNIST, 128 CIFAR-10); >= 0
+    hidden: int = 0  # h: LSTM state size; the layers carry 2h features (0: the paper's, 16 MNIST,
+                     # 128 CIFAR-10); >= 0
     out_hidden: int = 0  # units of the two 1x1 output convolutions (0: 32, or 1024 for CIFAR-10; ours); >= 0
     epochs: int = 1  # passes over the training set; >= 1
     steps: int = 0  # stop after this many optimizer steps instead (0: epochs x steps per epoch); >= 0
@@ -93,8 +97,9 @@ QUICK = dict(layers=2, hidden=8, out_hidden=16, steps=40, eval_n=200, samples=4,
 
 
 def paper_config(arch: str, dataset: str) -> dict:
-    """Sizes of the paper's models: MNIST 7 layers with h = 16 (Table 6); CIFAR-10 12 LSTM layers or 15 PixelCNN
-    blocks with h = 128 (Sec. 5). The other 28 x 28 sets (8-bit MNIST, Fashion-MNIST) take the MNIST sizes."""
+    """Sizes of the paper's models: MNIST 7 layers with h = 16 (Table 6); CIFAR-10 12 LSTM layers or 15
+    PixelCNN blocks with h = 128 (Sec. 5). The other 28 x 28 sets (8-bit MNIST, Fashion-MNIST) take the
+    MNIST sizes."""
     if dataset == "cifar10":
         return dict(layers=15 if arch == "pixelcnn" else 12, hidden=128, out_hidden=1024)
     return dict(layers=7, hidden=16, out_hidden=32)
@@ -104,19 +109,21 @@ def paper_config(arch: str, dataset: str) -> dict:
 # Masks: spatial causality and the R -> G -> B order within a pixel
 # ----------------------------------------------------------------------------------------------------------
 def channel_groups(n: int, colors: int) -> torch.Tensor:
-    """Split n feature maps into `colors` contiguous groups (R, G, B): the colour each feature may know up to."""
+    """Split n feature maps into `colors` contiguous groups (R, G, B): the colour each feature may
+    know up to."""
     return torch.arange(n) * colors // n
 
 
 def causal_mask(out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: tuple[int, int], kind: str):
     """(out, in, kh, kw) 0/1 mask. Sec. 3.4: a position sees the rows above and the pixels to its left; at the
-    centre, mask A connects colour group g only to groups < g (the first layer, x_i itself is unseen) and mask B
-    to groups <= g (later layers, whose features at i already exclude x_i's own and later channels)."""
+    centre, mask A connects colour group g only to groups < g (the first layer, x_i itself is unseen) and
+    mask B to groups <= g (later layers, whose features at i already exclude x_i's own and later channels)."""
     kh, kw = kernel
     mask = torch.zeros(len(out_groups), len(in_groups), kh, kw)
     mask[:, :, : kh // 2] = 1  # rows above the centre
     mask[:, :, kh // 2, : kw // 2] = 1  # left of the centre, same row
-    earlier = in_groups[None, :] < out_groups[:, None] if kind == "A" else in_groups[None, :] <= out_groups[:, None]
+    earlier = (in_groups[None, :] < out_groups[:, None] if kind == "A"
+               else in_groups[None, :] <= out_groups[:, None])
     mask[:, :, kh // 2, kw // 2] = earlier.float()
     return mask
 
@@ -160,7 +167,8 @@ def gate_groups(hidden: int, colors: int) -> torch.Tensor:
 # The three kinds of layer; each maps 2h features to 2h features with a residual connection (Sec. 3.3)
 # ----------------------------------------------------------------------------------------------------------
 class ResidualBlock(nn.Module):
-    """PixelCNN block (Fig. 5, left): ReLU, 1x1 (2h -> h), ReLU, 3x3 mask B, ReLU, 1x1 (h -> 2h), plus the input."""
+    """PixelCNN block (Fig. 5, left): ReLU, 1x1 (2h -> h), ReLU, 3x3 mask B, ReLU, 1x1 (h -> 2h), plus
+    the input."""
 
     recurrent = False  # no state: sampling reruns the network on the rows the receptive field spans
 
@@ -189,7 +197,8 @@ class RowLSTM(nn.Module):
     def __init__(self, hidden: int, colors: int, k: int = 3):
         super().__init__()
         self.hidden, self.k = hidden, k
-        self.input_to_state = MaskedConv2d(2 * hidden, 4 * hidden, (1, k), "B", colors, gate_groups(hidden, colors))
+        self.input_to_state = MaskedConv2d(2 * hidden, 4 * hidden, (1, k), "B", colors,
+                                           gate_groups(hidden, colors))
         # K^ss as a matrix on the k neighbouring states stacked: a matmul is far cheaper than conv1d on a CPU
         self.state_to_state = nn.Linear(k * hidden, 4 * hidden)
         self.output = MaskedConv2d(hidden, 2 * hidden, (1, 1), "B", colors)  # residual: h -> 2h (Fig. 5)
@@ -197,13 +206,15 @@ class RowLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2h, H, W) -> (B, 2h, H, W), fastest when x is stored batch innermost (see `batch_innermost`).
 
-        Rows are laid out channels first with the batch innermost, (4h, W B): a gate is a contiguous block, and
-        the k taps of K^ss are views of one zero-padded copy of the row above, stacked for one matmul per row."""
+        Rows are laid out channels first with the batch innermost, (4h, W B): a gate is a contiguous block,
+        and the k taps of K^ss are views of one zero-padded copy of the row above, stacked for one
+        matmul per row."""
         b, _, rows, width = x.shape
         k, pad = self.k, self.k // 2
-        # K^is for the whole image in one matmul: taps j - k//2 .. j of the 1 x k kernel (the mask B zeroes those
-        # right of j) stacked tap-major, with the biases of K^is and K^ss folded in
-        K_is = (self.input_to_state.weight * self.input_to_state.mask)[:, :, 0, : pad + 1]  # (4h, 2h, k//2 + 1)
+        # K^is for the whole image in one matmul: taps j - k//2 .. j of the 1 x k kernel (the mask B zeroes
+        # those right of j) stacked tap-major, with the biases of K^is and K^ss folded in
+        # (4h, 2h, k//2 + 1)
+        K_is = (self.input_to_state.weight * self.input_to_state.mask)[:, :, 0, : pad + 1]
         u = F.pad(x.permute(1, 2, 3, 0), (0, 0, pad, 0))  # (2h, H, W + k//2, B), zero left of the row
         taps = torch.cat([u[:, :, t : t + width] for t in range(pad + 1)])  # ((k//2 + 1) 2h, H, W, B)
         bias = (self.input_to_state.bias + self.state_to_state.bias)[:, None]  # (4h, 1)
@@ -215,12 +226,14 @@ class RowLSTM(nn.Module):
             # j - k//2 .. j + k//2 of the row above (zero beyond the edges), and nothing above the first row
             if i > 0:
                 padded = F.pad(h, (pad * b, pad * b))  # (h, (W + k - 1) B)
-                taps = torch.cat([padded[:, t * b : (t + width) * b] for t in range(k)])  # (k h, W B), tap-major
+                # (k h, W B), tap-major
+                taps = torch.cat([padded[:, t * b : (t + width) * b] for t in range(k)])
                 gates = torch.addmm(gates, self.state_to_state.weight, taps)  # (4h, W B)
             h, c = lstm_update(gates, c, dim=0)  # (h, W B)
             states.append(h)
         states = torch.stack(states, dim=1).flatten(1)  # (h, H W B)
-        out = torch.addmm(self.output.bias[:, None], (self.output.weight * self.output.mask)[:, :, 0, 0], states)
+        out = torch.addmm(self.output.bias[:, None],
+                          (self.output.weight * self.output.mask)[:, :, 0, 0], states)
         return x + out.view(-1, rows, width, b).permute(3, 0, 1, 2)  # (2h, H, W, B) -> (B, 2h, H, W)
 
     def pixel(self, u: torch.Tensor, i: int, j: int, cache: dict) -> torch.Tensor:
@@ -228,7 +241,8 @@ class RowLSTM(nn.Module):
         to its left and the finished row above held in `cache`; the same numbers as `forward`."""
         cache["u"][:, i, j] = u
         k = self.k
-        weight = self.input_to_state.weight * self.input_to_state.mask  # (4h, 2h, 1, k); taps right of j are 0
+        # (4h, 2h, 1, k); taps right of j are 0
+        weight = self.input_to_state.weight * self.input_to_state.mask
         left = cache["u"][:, i, max(0, j - k // 2) : j + 1]  # (B, <= k/2 + 1, 2h): inputs j - k//2 .. j
         taps = weight[:, :, 0, k // 2 - left.shape[1] + 1 : k // 2 + 1]  # (4h, 2h, same count)
         gates = torch.einsum("bts,gst->bg", left, taps) + self.input_to_state.bias
@@ -247,17 +261,19 @@ class RowLSTM(nn.Module):
 
 
 def skew(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W + H - 1): row r moves r positions right, so each diagonal of the image becomes
-    a column (Sec. 3.2, Fig. 3). Positions outside the image are zero."""
+    """(B, C, H, W) -> (B, C, H, W + H - 1): row r moves r positions right, so each diagonal of the image
+    becomes a column (Sec. 3.2, Fig. 3). Positions outside the image are zero."""
     b, c, rows, width = x.shape
-    index = (torch.arange(rows, device=x.device)[:, None] + torch.arange(width, device=x.device)).expand(b, c, -1, -1)
+    index = (torch.arange(rows, device=x.device)[:, None]
+             + torch.arange(width, device=x.device)).expand(b, c, -1, -1)
     return x.new_zeros(b, c, rows, width + rows - 1).scatter(3, index, x)
 
 
 def unskew(x: torch.Tensor, width: int) -> torch.Tensor:
     """Inverse of skew: (B, C, H, W + H - 1) -> (B, C, H, W)."""
     b, c, rows, _ = x.shape
-    index = (torch.arange(rows, device=x.device)[:, None] + torch.arange(width, device=x.device)).expand(b, c, -1, -1)
+    index = (torch.arange(rows, device=x.device)[:, None]
+             + torch.arange(width, device=x.device)).expand(b, c, -1, -1)
     return x.gather(3, index)
 
 
@@ -266,7 +282,8 @@ def diagonal_order(rows: int, width: int, device: torch.device) -> torch.Tensor:
     right-to-left. The skew (Fig. 3) makes diagonal i + j column i + j of the skewed map, with pixel (i, j) in
     its row i; the scan reads column by column, top to bottom, and visits only the positions holding a pixel.
     The right-to-left direction is the same order on the mirrored image, column i + (W - 1 - j)."""
-    i, j = torch.meshgrid(torch.arange(rows, device=device), torch.arange(width, device=device), indexing="ij")
+    i, j = torch.meshgrid(torch.arange(rows, device=device), torch.arange(width, device=device),
+                          indexing="ij")
     left_to_right = ((i + j) * rows + i).flatten().argsort()  # sorted by (column, row) of the skewed map
     right_to_left = ((i + width - 1 - j) * rows + i).flatten().argsort()
     return torch.stack([left_to_right, right_to_left])
@@ -284,9 +301,9 @@ class DiagonalBiLSTM(nn.Module):
     Each direction skews its input so that a diagonal is a column, runs column by column with a 2 x 1
     state-to-state convolution (the state above and the state to the left, in image coordinates), and unskews.
     The right-to-left direction is the same computation on the mirrored image; its output is shifted down one
-    row before it is added, since at row i it has already read the pixels to the right of x_i. Together the two
-    directions see the whole context x_<i at every layer. Both directions run in the same loop, each with its
-    own kernel (a batched matmul), which halves the sequential steps.
+    row before it is added, since at row i it has already read the pixels to the right of x_i. Together the
+    two directions see the whole context x_<i at every layer. Both directions run in the same loop, each with
+    its own kernel (a batched matmul), which halves the sequential steps.
 
     The scan visits only the H W positions of the skewed map that hold a pixel (`diagonal_order`), channels
     first with the batch innermost, so column t is a contiguous (2, 4h, n_t B) block; positions outside the
@@ -309,8 +326,8 @@ class DiagonalBiLSTM(nn.Module):
         self.output = MaskedConv2d(hidden, 2 * hidden, (1, 1), "B", colors)  # residual: h -> 2h (Fig. 5)
 
     def scan(self, x_is: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-        """Column LSTM on the skewed map, both directions: x_is (2, 4h, H W B) -> states (2, h, H W B), both in
-        `diagonal_order`, the batch innermost."""
+        """Column LSTM on the skewed map, both directions: x_is (2, 4h, H W B) -> states (2, h, H W B), both
+        in `diagonal_order`, the batch innermost."""
         b = x_is.shape[2] // (rows * width)
         K_ss = self.state_to_state.transpose(1, 2)  # (2, 4h, 2h): [state above, state left] -> gates
         states = []
@@ -318,10 +335,10 @@ class DiagonalBiLSTM(nn.Module):
             if t == 0:  # pixel (0, 0): nothing above or to the left
                 h, c = lstm_update(x_col, x_col.new_zeros(2, self.hidden, b), dim=1)
             else:
-                # column t - 1 with zero states where it has no neighbour of column t's n pixels: one row above
-                # its first while t < W (row 0 has nothing above), one below its last while t < H (the new row
-                # has nothing to its left). That makes n + 1 rows: the first n are above column t's pixels (row
-                # r - 1), the last n to their left (row r).
+                # column t - 1 with zero states where it has no neighbour of column t's n pixels: one row
+                # above its first while t < W (row 0 has nothing above), one below its last while t < H (the
+                # new row has nothing to its left). That makes n + 1 rows: the first n are above column t's
+                # pixels (row r - 1), the last n to their left (row r).
                 top, bottom = b * (t < width), b * (t < rows)
                 above, left = F.pad(h, (top, bottom - b)), F.pad(h, (top - b, bottom))  # (2, h, n B)
                 # Eq. 3, K^ss a 2 x 1 kernel: gates = K^is * x + K^ss [h_above; h_left] (biases are in x_is)
@@ -331,8 +348,9 @@ class DiagonalBiLSTM(nn.Module):
         return torch.cat(states, dim=2)
 
     def pixel(self, u: torch.Tensor, i: int, j: int, cache: dict) -> torch.Tensor:
-        """The layer at one pixel, for sampling: input u (B, 2h) at (i, j) -> output (B, 2h). Uses the states at
-        (i - 1, j) and (i, j - 1) held in `cache` and stores the new ones; the same numbers as `forward`."""
+        """The layer at one pixel, for sampling: input u (B, 2h) at (i, j) -> output (B, 2h). Uses the states
+        at (i - 1, j) and (i, j - 1) held in `cache` and stores the new ones; the same numbers as
+        `forward`."""
         cache["u"][:, i, j] = u
         gates = pointwise(self.input_to_state, u)[:, : 4 * self.hidden]  # left-to-right part
         zero = u.new_zeros(u.shape[0], self.hidden)
@@ -351,23 +369,28 @@ class DiagonalBiLSTM(nn.Module):
         zero = gates_row.new_zeros(gates_row.shape[0], self.hidden)
         for j in reversed(range(width)):
             above = cache["h_rl"][:, i - 1, j] if i > 0 else zero
-            right, c_right = (cache["h_rl"][:, i, j + 1], cache["c_rl"][:, i, j + 1]) if j < width - 1 else (zero, zero)
-            gates = gates_row[:, j] + torch.cat([above, right], dim=1) @ self.state_to_state[1] + self.state_bias[1]
+            right, c_right = ((cache["h_rl"][:, i, j + 1], cache["c_rl"][:, i, j + 1]) if j < width - 1
+                              else (zero, zero))
+            gates = (gates_row[:, j] + torch.cat([above, right], dim=1) @ self.state_to_state[1]
+                     + self.state_bias[1])
             cache["h_rl"][:, i, j], cache["c_rl"][:, i, j] = lstm_update(gates, c_right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2h, H, W) -> (B, 2h, H, W), fastest when x is stored batch innermost (see `batch_innermost`)."""
+        """(B, 2h, H, W) -> (B, 2h, H, W), fastest when x is stored batch innermost (see
+        `batch_innermost`)."""
         b, _, rows, width = x.shape
         n, hidden = rows * width, self.hidden
         order = diagonal_order(rows, width, x.device)  # (2, H W)
         # the input at every pixel in each direction's scan order: (2, 2h, H W B)
-        u = x.permute(1, 2, 3, 0).flatten(1, 2).index_select(1, order.flatten()).view(-1, 2, n * b).transpose(0, 1)
+        u = (x.permute(1, 2, 3, 0).flatten(1, 2).index_select(1, order.flatten()).view(-1, 2, n * b)
+             .transpose(0, 1))
         # input-to-state: the 1x1 mask-B convolution as a matrix per direction, with the state-to-state bias
         K_is = (self.input_to_state.weight * self.input_to_state.mask).view(2, 4 * hidden, 2 * hidden)
         bias = self.input_to_state.bias.view(2, 4 * hidden, 1) + self.state_bias.transpose(1, 2)  # (2, 4h, 1)
         states = self.scan(torch.baddbmm(bias, K_is, u), rows, width).view(2, hidden, n, b)
         inverse = order.argsort(dim=1)  # scan position of each pixel
-        h_lr, h_rl = (s.index_select(1, index) for s, index in zip(states, inverse))  # (h, H W, B) raster order
+        # (h, H W, B) raster order
+        h_lr, h_rl = (s.index_select(1, index) for s, index in zip(states, inverse))
         h_rl = F.pad(h_rl[:, : n - width], (0, 0, width, 0))  # right-to-left shifted down: row i gets i - 1
         out = torch.addmm(self.output.bias[:, None], (self.output.weight * self.output.mask)[:, :, 0, 0],
                           (h_lr + h_rl).flatten(1))  # (2h, H W B)
@@ -387,8 +410,9 @@ class PixelModel(nn.Module):
     """7x7 mask A, `layers` residual layers of one kind (`block`: ResidualBlock for PixelCNN, RowLSTM or
     DiagonalBiLSTM for the PixelRNNs), ReLU + 1x1 mask B twice, a softmax per sub-pixel.
 
-    `forward` maps images (B, C, H, W) with values k / (levels - 1) to logits (B, C, levels, H, W); the logits at
-    (c, i) depend only on the sub-pixels before (c, i) (tests check the Jacobian is exactly zero elsewhere).
+    `forward` maps images (B, C, H, W) with values k / (levels - 1) to logits (B, C, levels, H, W); the logits
+    at (c, i) depend only on the sub-pixels before (c, i) (tests check the Jacobian is exactly
+    zero elsewhere).
     """
 
     def __init__(self, block: type[nn.Module], colors: int, levels: int, layers: int = 7, hidden: int = 16,
@@ -418,7 +442,8 @@ def to_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x) in nats per image, (B,): Eq. 1 summed over every sub-pixel, each a softmax over the levels."""
+    """-log p(x) in nats per image, (B,): Eq. 1 summed over every sub-pixel, each a softmax over
+    the levels."""
     target = to_levels(x, logits.shape[2])  # (B, C, H, W)
     return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum((1, 2, 3))
 
@@ -452,8 +477,8 @@ def report(nll_nats: float, data: common.Data) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample(model: PixelModel, n: int, shape: tuple[int, int, int], progress: Callable = iter) -> torch.Tensor:
-    """Draw n images (n, C, H, W) with values k / (levels - 1), vectorized over the n images, in the model's dtype
-    and on its device; `progress` wraps the loop over rows (a progress bar, say).
+    """Draw n images (n, C, H, W) with values k / (levels - 1), vectorized over the n images, in the model's
+    dtype and on its device; `progress` wraps the loop over rows (a progress bar, say).
 
     PixelCNN: row i's logits depend on no later row, so each step runs the network only on the rows
     [i - context_rows, i]: H W C passes over small crops.
@@ -470,7 +495,8 @@ def sample(model: PixelModel, n: int, shape: tuple[int, int, int], progress: Cal
         for j in range(width):
             for c in range(colors):
                 if caches is None:
-                    logits = model(x[:, :, top : i + 1])[:, c, :, -1, j]  # (n, K): p(x_i,c | everything before)
+                    # (n, K): p(x_i,c | everything before)
+                    logits = model(x[:, :, top : i + 1])[:, c, :, -1, j]
                 else:
                     logits = pixel_logits(model, x, i, j, caches)[:, c]
                 k = torch.multinomial(F.softmax(logits.float(), dim=-1), 1)[:, 0]
@@ -482,7 +508,8 @@ def sample(model: PixelModel, n: int, shape: tuple[int, int, int], progress: Cal
 
 
 def layer_caches(model: PixelModel, x: torch.Tensor) -> list[dict]:
-    """Per LSTM layer: its inputs and states at every pixel, (B, H, W, features), filled in as sampling goes."""
+    """Per LSTM layer: its inputs and states at every pixel, (B, H, W, features), filled in as
+    sampling goes."""
     b, _, rows, width = x.shape
     hidden = model.layers[0].hidden
     return [{"u": x.new_zeros(b, rows, width, 2 * hidden),
@@ -555,7 +582,8 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, model, data, args, step + 1)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total)

@@ -1,28 +1,31 @@
 """Semi-amortized VAE: Kim, Wiseman, Miller, Sontag & Rush 2018, "Semi-Amortized Variational Autoencoders",
 arXiv:1802.02550.
 
-The encoder proposes variational parameters lambda_0 = (mu, logvar); K steps of stochastic variational inference
-(gradient ascent on the ELBO with respect to lambda, with momentum and clipping) refine them per example; the
-decoder trains on the refined lambda_K and the encoder trains end to end through the unrolled refinement, whose
-derivative holds Hessian-vector products of the ELBO (autograd's double backward computes them exactly).
+The encoder proposes variational parameters lambda_0 = (mu, logvar); K steps of stochastic variational
+inference (gradient ascent on the ELBO with respect to lambda, with momentum and clipping) refine them per
+example; the decoder trains on the refined lambda_K and the encoder trains end to end through the unrolled
+refinement, whose derivative holds Hessian-vector products of the ELBO (autograd's double backward computes
+them exactly).
 
     python savae.py --quick                                  # a few seconds on a CPU
-    python savae.py --mode savae                             # encoder + 20 refinement steps (the paper's method)
+    python savae.py --mode savae                             # encoder + 20 refinement steps
+                                                             # (the paper's method)
     python savae.py --mode vae                               # amortized inference only
     python savae.py --mode svi                               # per-example optimization from N(0, I) only
-    python savae.py --decoder mlp                            # a factorized decoder, not the autoregressive one
+    python savae.py --decoder mlp                            # a factorized decoder, not the
+                                                             # autoregressive one
 
-The three modes are the VAE, SVI and SA-VAE rows of Kim et al. 2018's results tables. Every evaluation refines the
-posterior with the same K steps (from the encoder's proposal, or from N(0, I) for svi) and reports the ELBO and
-the importance-sampled NLL under the refined q, the ELBO of the unrefined proposal, their difference (the part of
-the amortization gap that K steps of SVI close), the KL and the active units: with a strong decoder a VAE's KL
-collapses towards 0.
+The three modes are the VAE, SVI and SA-VAE rows of Kim et al. 2018's results tables. Every evaluation refines
+the posterior with the same K steps (from the encoder's proposal, or from N(0, I) for svi) and reports the
+ELBO and the importance-sampled NLL under the refined q, the ELBO of the unrefined proposal, their difference
+(the part of the amortization gap that K steps of SVI close), the KL and the active units: with a strong
+decoder a VAE's KL collapses towards 0.
 
 Deviations from the paper:
 - Data: binarized MNIST (dynamically binarized), not the paper's OMNIGLOT images and Yahoo / synthetic text.
 - Networks: an MLP encoder (784-500-2x32) and, as the strong decoder, a one-hidden-layer MADE (Germain et al.
-  2015) conditioned on z, p(x|z) = prod_i Bern(x_i | x_<i, z), which is cheap on a CPU; the paper used a ResNet
-  encoder and a 12-layer gated PixelCNN decoder for images. --decoder mlp gives a factorized decoder.
+  2015) conditioned on z, p(x|z) = prod_i Bern(x_i | x_<i, z), which is cheap on a CPU; the paper used a
+  ResNet encoder and a 12-layer gated PixelCNN decoder for images. --decoder mlp gives a factorized decoder.
 - The backward pass through the refinement uses exact Hessian-vector products (double backward); the paper
   approximated them by finite differences to save memory.
 - The decoder's gradient is grad_theta ELBO(lambda_K, theta) with lambda_K held fixed: no second-order term
@@ -55,7 +58,8 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # a binary image dataset: binarized_mnist or static_binarized_mnist
-    mode: Literal["savae", "vae", "svi"] = "savae"  # savae: encoder + K SVI steps; vae: encoder; svi: SVI only
+    mode: Literal["savae", "vae", "svi"] = "savae"  # savae: encoder + K SVI steps; vae: encoder;
+                                                    # svi: SVI only
     decoder: Literal["made", "mlp"] = "made"  # made: autoregressive p(x_i | x_<i, z); mlp: factorized p(x|z)
     hidden: int = 500  # hidden units of the encoder and the decoder; >= 1
     latent: int = 32  # latent dimensions (paper, images: 32); >= 1
@@ -100,7 +104,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int | None =
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    # Kingma & Welling 2013, Appendix B: KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
+    # Kingma & Welling 2013, Appendix B:
+    # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # per dimension, (B, d)
 
 
@@ -144,8 +149,8 @@ class MLPDecoder(nn.Module):
 
 class MADEDecoder(nn.Module):
     """p(x|z) = prod_i Bern(x_i; sigmoid(l_i(x_<i, z))): MADE (Germain et al. 2015) with one hidden layer, its
-    masks in raster order, and z fed to every hidden and output unit. Strong enough to model the pixels without
-    z, which is what makes a VAE with this decoder collapse."""
+    masks in raster order, and z fed to every hidden and output unit. Strong enough to model the pixels
+    without z, which is what makes a VAE with this decoder collapse."""
 
     def __init__(self, num_dims: int, latent: int, hidden: int):
         super().__init__()
@@ -159,7 +164,8 @@ class MADEDecoder(nn.Module):
         self.register_buffer("mask_out", (position[:, None] > degree[None]).float())  # (D, H)
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
-        """The part of the hidden pre-activation that depends on x alone: (B, H), reused across samples of z."""
+        """The part of the hidden pre-activation that depends on x alone: (B, H), reused across
+        samples of z."""
         return F.linear(x, self.x_in.weight * self.mask_in, self.x_in.bias)
 
     def logits(self, x: torch.Tensor, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,8 +191,9 @@ def frozen(module: nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Stochastic variational inference: K steps of gradient ascent on the ELBO in lambda = (mu, logvar)
 # ----------------------------------------------------------------------------------------------------------
-def refine(elbo_fn, mu: torch.Tensor, logvar: torch.Tensor, steps: int, lr: float, momentum: float,
-           max_norm: float, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def refine(elbo_fn, mu: torch.Tensor, logvar: torch.Tensor, steps: int, lr: float,
+           momentum: float, max_norm: float,
+           create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Kim et al. 2018, Algorithm 1, forward loop: v_{k+1} = gamma v_k + clip(grad_lambda ELBO(lambda_k)),
     lambda_{k+1} = lambda_k + alpha v_{k+1}, one reparameterized sample per step.
 
@@ -257,7 +264,8 @@ class SAVAE(nn.Module):
         x = x.flatten(1)  # (B, D)
         # 1. lambda_0 from the encoder (vae, savae) or the fixed start (svi)
         mu, logvar = self.start(x, mode)
-        # 2. Kim et al. 2018, Algorithm 1: lambda_K by K SVI steps; savae keeps them differentiable in lambda_0
+        # 2. Kim et al. 2018, Algorithm 1: lambda_K by K SVI steps; savae keeps them differentiable in
+        # lambda_0
         steps = 0 if mode == "vae" else svi_steps
         mu, logvar, elbos = self.refined(x, mu, logvar, steps, svi_lr, momentum, max_norm,
                                          create_graph=mode == "savae")
@@ -293,7 +301,8 @@ def importance_weighted_log_px(model: SAVAE, x: torch.Tensor, mu: torch.Tensor, 
     Burda et al. 2016, Eq. 8, with q the refined posterior; samples are drawn `chunk` at a time.
     """
     chunk, context = chunk or k, model.decoder.context(x)
-    log_w = torch.cat([log_weights(model, x, mu, logvar, min(chunk, k - s), context) for s in range(0, k, chunk)])
+    log_w = torch.cat(
+        [log_weights(model, x, mu, logvar, min(chunk, k - s), context) for s in range(0, k, chunk)])
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
@@ -303,9 +312,10 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: SAVAE, x: torch.Tensor, args: Args, k: int = 0, batch_size: int = 500) -> dict[str, float]:
-    """Refine q with K SVI steps, then the ELBO, KL and active units under it, the ELBO of the unrefined start,
-    and with k > 0 the importance-sampled log p(x) with the refined q as proposal."""
+def evaluate(model: SAVAE, x: torch.Tensor, args: Args, k: int = 0,
+             batch_size: int = 500) -> dict[str, float]:
+    """Refine q with K SVI steps, then the ELBO, KL and active units under it, the ELBO of the unrefined
+    start, and with k > 0 the importance-sampled log p(x) with the refined q as proposal."""
     sums = {"elbo": 0.0, "elbo_start": 0.0, "kl": 0.0, "log_px": 0.0}
     mus = []
     what = f"test: K = {args.svi_steps} SVI steps" + (f", k = {k}" if k else "") + f", {len(x):,} images"
@@ -335,7 +345,8 @@ def evaluate(model: SAVAE, x: torch.Tensor, args: Args, k: int = 0, batch_size: 
 
 
 def report(metrics: dict[str, float], args: Args) -> dict[str, float]:
-    """Nats per image: the NLL and -ELBO under the refined q, -ELBO of the start, and what refinement gained."""
+    """Nats per image: the NLL and -ELBO under the refined q, -ELBO of the start, and what
+    refinement gained."""
     out = {"nll_nats": -metrics["log_px"]} if "log_px" in metrics else {}
     out.update(nelbo_nats=-metrics["elbo"], nelbo_start_nats=-metrics["elbo_start"],
                refine_gain=metrics["elbo"] - metrics["elbo_start"], kl=metrics["kl"],
@@ -379,13 +390,15 @@ def draw_pictures(model: SAVAE, data: common.Data, run: common.Run, args: Args) 
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
-def evaluate_and_draw(run: common.Run, model: SAVAE, data: common.Data, args: Args, step: int, k: int) -> dict:
+def evaluate_and_draw(run: common.Run, model: SAVAE, data: common.Data, args: Args,
+                      step: int, k: int) -> dict:
     """Evaluate on the test set (rank 0), log one line, draw the pictures."""
     x = data.test_x[: args.eval_n] if args.eval_n else data.test_x
     with common.eval_mode(model, seed=args.seed):
         metrics = report(evaluate(model, x, args, k), args)
         draw_pictures(model, data, run, args)
-    run.log("test", step, metrics, note=f"{args.mode}, K={args.svi_steps}, " + (f"iwae k={k}" if k else "elbo"))
+    run.log("test", step, metrics,
+            note=f"{args.mode}, K={args.svi_steps}, " + (f"iwae k={k}" if k else "elbo"))
     return metrics
 
 
@@ -422,7 +435,8 @@ def train(args: Args) -> dict:
             evaluate_and_draw(run, model, data, args, step + 1, k=0)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total, k=args.eval_k)

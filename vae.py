@@ -1,8 +1,9 @@
 """Variational autoencoder: Kingma & Welling 2013, "Auto-Encoding Variational Bayes", arXiv:1312.6114.
 
 A Gaussian encoder q(z|x) = N(mu(x), diag(exp(logvar(x)))), the reparameterization z = mu + sigma * eps, a
-standard normal prior and a decoder p(x|z); trained by maximizing the ELBO E_q[log p(x|z)] - KL(q(z|x) || p(z))
-with the KL in closed form. Evaluated by the ELBO and the importance-sampled log-likelihood (k = 1000).
+standard normal prior and a decoder p(x|z); trained by maximizing the ELBO
+E_q[log p(x|z)] - KL(q(z|x) || p(z)) with the KL in closed form. Evaluated by the ELBO and the
+importance-sampled log-likelihood (k = 1000).
 
     python vae.py --quick                              # a few seconds on a CPU
     python vae.py --dataset binarized_mnist            # 10 epochs of the 784-400-20 MLP
@@ -23,8 +24,9 @@ Deviations from the paper:
 - Binarized MNIST is dynamically binarized (a fresh Bernoulli draw per batch); the paper does not say.
 - The discretized-logistic decoder for 8-bit data and the conv networks are not in the paper.
 
-Expected result: README.md's likelihood tables, rows vae-bmnist (this command; about 97 nats), vae-long-bmnist,
-vae-mnist and the two toys, each with its command, wall time and figure (`python -m results.table run vae-bmnist`).
+Expected result: README.md's likelihood tables, rows vae-bmnist (this command; about 97 nats),
+vae-long-bmnist, vae-mnist and the two toys, each with its command, wall time and figure
+(`python -m results.table run vae-bmnist`).
 """
 
 import math
@@ -42,7 +44,8 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset or a 2D toy (see README)
-    arch: Literal["mlp", "conv"] = "mlp"  # mlp: D-hidden-latent; conv: two stride-2 convs (H, W divisible by 4)
+    arch: Literal["mlp", "conv"] = "mlp"  # mlp: D-hidden-latent; conv: two stride-2 convs
+                                          # (H, W divisible by 4)
     hidden: int = 400  # hidden units (Kingma & Welling used 500 for MNIST); >= 1
     latent: int = 20  # latent dimensions; >= 1
     epochs: int = 10  # passes over the training set; >= 1
@@ -51,7 +54,8 @@ class Args:
     lr: float = 1e-3  # Adam learning rate (paper: Adagrad); > 0
     kl_warmup: int = 0  # steps over which the KL weight rises linearly from 0 to 1 (0: off); >= 0
     free_bits: float = 0.0  # free bits: minimum batch-mean KL per latent dimension, nats (0: off); >= 0
-    min_rate: float = 0.0  # delta-VAE: posterior variance bounded so every KL_j >= min_rate nats (0: off); >= 0
+    min_rate: float = 0.0  # delta-VAE: posterior variance bounded so every KL_j >= min_rate nats
+                           # (0: off); >= 0
     aggressive: bool = False  # He et al. 2019: train the encoder to convergence before each decoder step
     eval_k: int = 1000  # importance samples for the final test log-likelihood; >= 1
     eval_n: int = 0  # test examples to evaluate (0: all); >= 0
@@ -83,7 +87,8 @@ def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def discretized_logistic_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """x in {0, 1/255, ..., 1}: the logistic's mass on the bin of width 1/255 around x, the two edge bins open.
+    """x in {0, 1/255, ..., 1}: the logistic's mass on the bin of width 1/255 around x, the two
+    edge bins open.
 
     Salimans et al. 2017 (PixelCNN++), Sec. 2.1, with a single logistic per sub-pixel.
     """
@@ -115,7 +120,8 @@ def gaussian_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 LIKELIHOODS = {  # name -> (log p(x|z) of x (..., D) and params (..., P, D), decoder outputs P per dimension)
-    "bernoulli": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),  # params[..., 0, :]: the logits
+    # params[..., 0, :]: the logits
+    "bernoulli": (lambda x, params: bernoulli_log_prob(x, params[..., 0, :]), 1),
     "discretized_logistic": (discretized_logistic_log_prob, 2),
     "gaussian": (gaussian_log_prob, 2),
 }
@@ -137,7 +143,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int | None =
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    # Kingma & Welling 2013, Appendix B: KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
+    # Kingma & Welling 2013, Appendix B:
+    # KL(N(mu, sigma^2) || N(0, 1)) = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # per dimension, (B, d)
 
 
@@ -205,7 +212,8 @@ class VAE(nn.Module):
         self.shape, self.likelihood, self.latent = tuple(shape), likelihood, latent
         self.log_px_given_z, self.params_per_dim = LIKELIHOODS[likelihood]
         num_dims, p = math.prod(shape), self.params_per_dim
-        self.flat_input = arch == "mlp"  # the MLP encoder reads x flattened to (B, D), the conv one (B, C, H, W)
+        # the MLP encoder reads x flattened to (B, D), the conv one (B, C, H, W)
+        self.flat_input = arch == "mlp"
         if arch == "mlp":
             self.encoder = mlp([num_dims, hidden, 2 * latent])
             self.decoder = mlp([latent, hidden, p * num_dims])
@@ -284,14 +292,15 @@ def evaluate(model: VAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) -> 
     """Test ELBO, KL, active units and mutual information; with k > 0 also the importance-sampled log p(x)."""
     sums = {"elbo": 0.0, "kl": 0.0, "log_px": 0.0}
     mus, logvars = [], []
-    for xb in common.progress(x.split(batch_size), f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""),
-                              len(x)):
+    for xb in common.progress(x.split(batch_size),
+                              f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""), len(x)):
         xb_flat = xb.flatten(1)
         mu, logvar = model.encode(xb)
         mus.append(mu), logvars.append(logvar)
         kl = gaussian_kl(mu, logvar).sum(1)
         sums["kl"] += kl.sum().item()
-        sums["elbo"] += (model.log_px_given_z(xb_flat, model.decode(reparameterize(mu, logvar))) - kl).sum().item()
+        sums["elbo"] += (model.log_px_given_z(xb_flat, model.decode(reparameterize(mu, logvar)))
+                         - kl).sum().item()
         if k:
             for i in range(0, len(xb), max(1, ROWS_PER_CHUNK // k)):  # images per chunk of decoder rows
                 sl = slice(i, i + max(1, ROWS_PER_CHUNK // k))
@@ -300,11 +309,13 @@ def evaluate(model: VAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) -> 
                     return model.log_px_given_z(xs, model.decode(z))
 
                 sums["log_px"] += importance_weighted_log_px(
-                    xb_flat[sl], mu[sl], logvar[sl], log_px_given_z, k, chunk=min(k, ROWS_PER_CHUNK)).sum().item()
+                    xb_flat[sl], mu[sl], logvar[sl], log_px_given_z, k,
+                    chunk=min(k, ROWS_PER_CHUNK)).sum().item()
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     n = len(x)
     metrics = {"elbo": sums["elbo"] / n, "kl": sums["kl"] / n, "active_units": active_units(mu),
-               "mi": torch.stack([mutual_information(m, v) for m, v in zip(mu.split(1000), logvar.split(1000))])
+               "mi": torch.stack([mutual_information(m, v)
+                                  for m, v in zip(mu.split(1000), logvar.split(1000))])
                .mean().item()}
     if k:
         metrics["log_px"] = sums["log_px"] / n
@@ -345,7 +356,8 @@ def sample(model: VAE, n: int, mean: bool = True) -> torch.Tensor:
             x = loc + torch.exp(0.5 * log_scale) * torch.randn_like(loc)
         else:
             u = torch.rand_like(loc).clamp(1e-6, 1 - 1e-6)
-            x = (loc + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u)) * 255).round().clamp(0, 255) / 255
+            x = ((loc + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u)) * 255).round().clamp(0, 255)
+                 / 255)
     return x.reshape(n, *model.shape)
 
 
@@ -376,7 +388,8 @@ def draw_pictures(model: VAE, data: common.Data, run: common.Run) -> None:
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def aggressive_encoder_steps(ddp: nn.Module, model: VAE, optimizer, batches: common.Batches, args: Args,
-                             kl_weight: float, dist: common.Dist, max_steps: int = 100, check_every: int = 10):
+                             kl_weight: float, dist: common.Dist, max_steps: int = 100,
+                             check_every: int = 10):
     """He et al. 2019, Algorithm 1, lines 4-7: update only the encoder on fresh batches until its loss stops
     improving (compared over blocks of `check_every` steps, as in the authors' code), at most `max_steps`."""
     previous, block = math.inf, 0.0
@@ -405,13 +418,15 @@ def evaluate_and_draw(run: common.Run, model: VAE, data: common.Data, args: Args
     return metrics
 
 
-LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "gaussian"}  # data kind -> p(x|z)
+# data kind -> p(x|z)
+LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "gaussian"}
 
 
 def train(args: Args) -> dict:
     dist, device = common.setup(args)
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    model = VAE(data.shape, LIKELIHOOD_OF[data.kind], args.arch, args.hidden, args.latent, args.min_rate).to(device)
+    model = VAE(data.shape, LIKELIHOOD_OF[data.kind], args.arch, args.hidden, args.latent,
+                args.min_rate).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "vae", dist, model, optimizer)
     run.state.update(aggressive=args.aggressive, best_mi=-math.inf)
@@ -441,14 +456,16 @@ def train(args: Args) -> dict:
         if (step + 1) % eval_every == 0 and step + 1 < total:
             if dist.is_main:
                 mi = evaluate_and_draw(run, model, data, args, step + 1, k=0)["mi"]
-                if run.state["aggressive"] and mi <= run.state["best_mi"]:  # He et al.: stop once I_q plateaus
+                # He et al.: stop once I_q plateaus
+                if run.state["aggressive"] and mi <= run.state["best_mi"]:
                     run.state["aggressive"] = False
                     run.print(f"aggressive training ends at step {step + 1} (mutual information {mi:.3f})")
                 run.state["best_mi"] = max(run.state["best_mi"], mi)
             run.state["aggressive"] = common.broadcast_flag(run.state["aggressive"], dist)
 
     if dist.enabled:
-        run.print(f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
+        run.print(
+            f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
     return evaluate_and_draw(run, model, data, args, total, k=args.eval_k)

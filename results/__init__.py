@@ -1,1 +1,2 @@
-"""The likelihood tables of README.md, and the script that measures and renders them (`python -m results.table`)."""
+"""The likelihood tables of README.md, and the script that measures and renders them
+(`python -m results.table`)."""

@@ -1,9 +1,12 @@
 """Training throughput of every model file, and of the same network in a pip-installed peer, side by side.
 
-    python -m results.bench                          # every model file at a fixed small configuration (~3 min, CPU)
+    python -m results.bench                          # every model file at a fixed small configuration
+                                                     # (~3 min, CPU)
     python -m results.bench --only ddpm,flows --repeats 9 --threads 1
-    python -m results.bench --gpu-ddpm --device cuda # the paper's CIFAR-10 U-Net: ours against lucidrains' Unet
-    python -m results.bench --gpu-ddpm --tiny        # the same at a tiny size, on any device (what the tests run)
+    python -m results.bench --gpu-ddpm --device cuda # the paper's CIFAR-10 U-Net: ours against
+                                                     # lucidrains' Unet
+    python -m results.bench --gpu-ddpm --tiny        # the same at a tiny size, on any device
+                                                     # (what the tests run)
     git worktree add /tmp/before HEAD~3 && python -m results.bench --only pixelcnn --against /tmp/before
                                                      # this version against an older one of the same files
 
@@ -11,19 +14,21 @@ Each row builds the model and the optimizer from the model file's own classes, a
 the training step (forward, backward, optimizer step, and what else the file's step does: SGLD chains, EMA,
 gradient clipping) on a synthetic batch of the right shape, so no dataset is read. Three kinds of row time
 an evaluation path instead, untrained (the cost does not depend on the weights): ddpm-bound, the variational
-bound with 50 stratified t per image, and pixelcnn-sample-*, drawing whole images one sub-pixel at a time. Where the same network
-exists in a pip package (requirements-bench.txt), the peer's step is built at matched sizes and timed in the
-same run, ours and the peer's alternating `--repeats` times; the table gives the medians, and ratio = our time
-per step / the peer's (below 1: ours is faster). A peer that is not installed gets a one-line note and a "–".
-With --against DIR the peer column is instead the same row built from DIR's copy of the model file (an older
-checkout, say), timed in the same run: how a speed-up is measured without comparing against old numbers.
+bound with 50 stratified t per image, and pixelcnn-sample-*, drawing whole images one sub-pixel at a time.
+Where the same network exists in a pip package (requirements-bench.txt), the peer's step is built at matched
+sizes and timed in the same run, ours and the peer's alternating `--repeats` times; the table gives the
+medians, and ratio = our time per step / the peer's (below 1: ours is faster). A peer that is not installed
+gets a one-line note and a "–". With --against DIR the peer column is instead the same row built from DIR's
+copy of the model file (an older checkout, say), timed in the same run: how a speed-up is measured without
+comparing against old numbers.
 
 --gpu-ddpm measures the configuration of Ho et al. 2020 (arXiv:2006.11239, Appendix B) on CIFAR-10: the 35.7M
 U-Net (128 channels, multipliers 1, 2, 2, 2, two residual blocks, attention at 16x16, dropout 0.1), batch 128,
-bf16 autocast on cuda, in ddpm.py's training step (Adam, clipping, EMA) with channels-last and NCHW memory, and
-lucidrains' Unet at the same widths in the same step; then sampling throughput (network forwards per reverse
-step, scaled to 1000 ancestral steps and to 100 DDIM steps). Under 5 minutes on one GPU (`--compile` adds
-torch.compile of our network, a few minutes more). On cuda it also counts host synchronizations in the step.
+bf16 autocast on cuda, in ddpm.py's training step (Adam, clipping, EMA) with channels-last and NCHW memory,
+and lucidrains' Unet at the same widths in the same step; then sampling throughput (network forwards per
+reverse step, scaled to 1000 ancestral steps and to 100 DDIM steps). Under 5 minutes on one GPU (`--compile`
+adds torch.compile of our network, a few minutes more). On cuda it also counts host synchronizations
+in the step.
 """
 
 import argparse
@@ -107,13 +112,14 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
 
 
 def peer_missing(package: str, error: Exception) -> str:
-    return f"{package} is not installed or does not import ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+    return (f"{package} is not installed or does not import "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:80]})")
 
 
 def import_lucidrains_unet():
-    """denoising_diffusion_pytorch.Unet. Its package imports torchvision for the Trainer's data pipeline, which the
-    Unet never uses; where torchvision is absent or does not load next to this torch (PyPI has no CPU build), the
-    import goes through a placeholder module that is removed again right after."""
+    """denoising_diffusion_pytorch.Unet. Its package imports torchvision for the Trainer's data pipeline,
+    which the Unet never uses; where torchvision is absent or does not load next to this torch (PyPI has no
+    CPU build), the import goes through a placeholder module that is removed again right after."""
     try:
         import torchvision  # noqa: F401
         stubbed = []
@@ -121,8 +127,10 @@ def import_lucidrains_unet():
         for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
             del sys.modules[name]
         stub = types.ModuleType("torchvision")
-        stub.transforms, stub.utils = types.ModuleType("torchvision.transforms"), types.ModuleType("torchvision.utils")
-        stubbed = {"torchvision": stub, "torchvision.transforms": stub.transforms, "torchvision.utils": stub.utils}
+        stub.transforms, stub.utils = (types.ModuleType("torchvision.transforms"),
+                                       types.ModuleType("torchvision.utils"))
+        stubbed = {"torchvision": stub, "torchvision.transforms": stub.transforms,
+                   "torchvision.utils": stub.utils}
         sys.modules.update(stubbed)
     try:
         from denoising_diffusion_pytorch.denoising_diffusion_pytorch import Unet
@@ -162,8 +170,9 @@ def row_savae(device, b):
     model = savae.SAVAE(data.shape, "made", 128, 32).to(device)
     opt = common.adam(model.parameters(), lr=1e-3)
     x, _ = batch(data, b, device)
-    return Row("savae", "savae.py SA-VAE", f"binarized MNIST, MADE decoder, 128 units, K = 5 SVI steps, batch {b}",
-               "img", Side("ours", plain_step(model, opt, lambda: model(x, "savae", 5, 0.03, 0.5, 5.0)[0]), b))
+    return Row("savae", "savae.py SA-VAE",
+               f"binarized MNIST, MADE decoder, 128 units, K = 5 SVI steps, batch {b}", "img",
+               Side("ours", plain_step(model, opt, lambda: model(x, "savae", 5, 0.03, 0.5, 5.0)[0]), b))
 
 
 def row_vqvae(device, b):
@@ -173,7 +182,8 @@ def row_vqvae(device, b):
     model = vqvae.build_vqvae(config, data).to(device)
     opt = common.adam(model.parameters(), lr=config["lr"])
     x, _ = batch(data, b, device)
-    return Row("vqvae", "vqvae.py VQ-VAE (stage one)", f"8-bit MNIST, --quick sizes (hidden 32, K = 64), batch {b}",
+    return Row("vqvae", "vqvae.py VQ-VAE (stage one)",
+               f"8-bit MNIST, --quick sizes (hidden 32, K = 64), batch {b}",
                "img", Side("ours", plain_step(model, opt, lambda: model(x)[0]), b))
 
 
@@ -181,15 +191,18 @@ def row_nvae(device, b):
     import nvae
     a = nvae.Args()
     data = fake_data("binarized_mnist", "binary", (1, 28, 28))
-    model = nvae.NVAE(data.shape, nvae.LIKELIHOOD_OF[data.kind], a.channels, a.pre_blocks, a.scales, a.groups, a.z_channels, a.cells,
-                      a.expansion, a.mixtures).to(device).to(memory_format=torch.channels_last)  # as its train()
+    model = nvae.NVAE(data.shape, nvae.LIKELIHOOD_OF[data.kind], a.channels, a.pre_blocks, a.scales, a.groups,
+                      a.z_channels, a.cells, a.expansion,
+                      a.mixtures).to(device).to(memory_format=torch.channels_last)  # as its train()
     opt = torch.optim.Adamax(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, eps=1e-3)
     x, _ = batch(data, b, device)
-    return Row("nvae", "nvae.py NVAE", f"binarized MNIST, defaults (8 channels, 2 scales x 2 groups), batch {b}", "img",
+    return Row("nvae", "nvae.py NVAE",
+               f"binarized MNIST, defaults (8 channels, 2 scales x 2 groups), batch {b}", "img",
                Side("ours", plain_step(model, opt, lambda: model(x, 1.0, True, a.sr_weight, 1)[0]), b))
 
 
-def ddpm_pair(device, b, shape, unet_sizes: dict, peer_sizes: dict, amp: bool = False, channels_last: bool = False):
+def ddpm_pair(device, b, shape, unet_sizes: dict, peer_sizes: dict, amp: bool = False,
+              channels_last: bool = False):
     """ddpm.py's training step (L_simple, Adam, clip 1, EMA) around our U-Net and around lucidrains' Unet."""
     import ddpm
     data = fake_data("cifar10" if shape[1] == 32 else "mnist", "8bit", shape)
@@ -206,7 +219,8 @@ def ddpm_pair(device, b, shape, unet_sizes: dict, peer_sizes: dict, amp: bool = 
         def loss():
             with common.autocast(device, amp):
                 return model(x)[0]
-        return Side(name, plain_step(model, opt, loss, clip=1.0, after=lambda: ema.update(model, next(counter))), b), \
+        return Side(name, plain_step(model, opt, loss, clip=1.0,
+                                     after=lambda: ema.update(model, next(counter))), b), \
             model, ema
 
     ours = side("ours", ddpm.UNet(shape, **unet_sizes))
@@ -226,12 +240,15 @@ def millions(model: nn.Module) -> str:
 
 
 def row_ddpm(device, b):
-    # two residual blocks per level, as the peer has (ours then has 3 up-blocks per level to its 2, as in the paper);
-    # the peer's attention single-headed at our widths, full at 14x14 (its linear attention at 28x28 stays)
-    ours, peer, note = ddpm_pair(device, b, (1, 28, 28), dict(channels=32, channel_mult=(1, 2), num_res_blocks=2,
-                                                             attn_res=(14,)),
-                                 dict(dim=32, dim_mults=(1, 2), dropout=0.1, attn_heads=1, attn_dim_head=(32, 64)))
-    row = Row("ddpm", "ddpm.py DDPM U-Net", f"8-bit MNIST, 32 ch, x1 x2, 2 blocks, attention at 14, batch {b}; "
+    # two residual blocks per level, as the peer has (ours then has 3 up-blocks per level to its 2, as in the
+    # paper); the peer's attention single-headed at our widths,
+    # full at 14x14 (its linear attention at 28x28 stays)
+    ours, peer, note = ddpm_pair(device, b, (1, 28, 28),
+                                 dict(channels=32, channel_mult=(1, 2), num_res_blocks=2, attn_res=(14,)),
+                                 dict(dim=32, dim_mults=(1, 2), dropout=0.1, attn_heads=1,
+                                      attn_dim_head=(32, 64)))
+    row = Row("ddpm", "ddpm.py DDPM U-Net",
+              f"8-bit MNIST, 32 ch, x1 x2, 2 blocks, attention at 14, batch {b}; "
               f"ours {millions(ours[1])}" + (f", the peer's {millions(peer[1])}" if peer else ""), "img",
               ours[0], peer and peer[0], note)
     return row
@@ -248,8 +265,8 @@ def row_ddpm_bound(num_t: int):
         x = ddpm.to_model(batch(data, b, device)[0], "8bit")
         what = f"{num_t} stratified t" if num_t else f"exact, all {a.timesteps - 1} t"
         return Row("ddpm-bound" + ("" if num_t else "-exact"), "ddpm.py variational bound",
-                   f"8-bit MNIST, --quick U-Net, {what} per image (evaluation, no gradient), {b} image{'s' * (b > 1)}",
-                   "img",
+                   f"8-bit MNIST, --quick U-Net, {what} per image (evaluation, no gradient), "
+                   f"{b} image{'s' * (b > 1)}", "img",
                    Side("ours", lambda: ddpm.nll_bound(model, x, num_t), b), note="peer: none has this bound")
     return build
 
@@ -272,8 +289,8 @@ def row_ebm_jem(device, b):
         model.train()
         buffer.push(x_sample, index)
         return model(x + a.data_noise * torch.randn_like(x), y, x_sample, a.energy_reg)[0]
-    return Row("ebm_jem", "ebm_jem.py JEM", f"8-bit MNIST, conv net, {a.sgld_steps} SGLD steps, batch {b}", "img",
-               Side("ours", plain_step(model, opt, loss), b))
+    return Row("ebm_jem", "ebm_jem.py JEM", f"8-bit MNIST, conv net, {a.sgld_steps} SGLD steps, batch {b}",
+               "img", Side("ours", plain_step(model, opt, loss), b))
 
 
 def row_ncsn_sde(device, b):
@@ -285,7 +302,8 @@ def row_ncsn_sde(device, b):
     opt = common.adam(model.parameters(), lr=a.lr)
     x = ncsn_sde.to_model(batch(data, b, device)[0], data.kind, ncsn_sde.centered(a.method, a.sde))
     counter = iter(range(10**9))
-    return Row("ncsn_sde", "ncsn_sde.py score SDE (VP)", f"8-bit MNIST, --quick U-Net (16 ch, x1 x2), DSM, batch {b}",
+    return Row("ncsn_sde", "ncsn_sde.py score SDE (VP)",
+               f"8-bit MNIST, --quick U-Net (16 ch, x1 x2), DSM, batch {b}",
                "img", Side("ours", plain_step(model, opt, lambda: model(x)[0], clip=a.grad_clip,
                                               after=lambda: ema.update(model, next(counter))), b))
 
@@ -299,14 +317,16 @@ def row_pixelcnn(arch):
         opt = common.adam(model.parameters(), lr=1e-3)
         x, _ = batch(data, b, device)
         return Row(f"pixelcnn-{arch}", f"pixelcnn.py {arch}",
-                   f"binarized MNIST, paper size ({sizes['layers']} layers, h = {sizes['hidden']}), batch {b}", "img",
+                   f"binarized MNIST, paper size ({sizes['layers']} layers, h = {sizes['hidden']}), "
+                   f"batch {b}", "img",
                    Side("ours", plain_step(model, opt, lambda: pixelcnn.loss(model(x).float(), x)[0]), b))
     return build
 
 
 def row_pixelcnn_sample(arch):
     def build(device, b):
-        """Not a training step: drawing b whole images (H W C sub-pixels in turn) from the untrained network."""
+        """Not a training step: drawing b whole images (H W C sub-pixels in turn) from the
+        untrained network."""
         import pixelcnn
         sizes = pixelcnn.paper_config(arch, "binarized_mnist")
         model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 1, 2, **sizes).to(device).eval()
@@ -326,16 +346,18 @@ def row_flows_realnvp(device, b):
     try:
         import normflows as nf
         layers = []
-        for _ in range(8):  # affine coupling with one 1-64-64-2 MLP (shift and log-scale), then swap the halves
+        # affine coupling with one 1-64-64-2 MLP (shift and log-scale), then swap the halves
+        for _ in range(8):
             layers += [nf.flows.AffineCouplingBlock(nf.nets.MLP([1, 64, 64, 2], init_zeros=True)),
                        nf.flows.Permute(2, mode="swap")]
         peer_model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers).to(device)
         peer_opt = common.adam(peer_model.parameters(), lr=1e-3)
-        peer, note = Side("normflows", plain_step(peer_model, peer_opt, lambda: peer_model.forward_kld(x)), b), ""
+        peer, note = Side("normflows",
+                          plain_step(peer_model, peer_opt, lambda: peer_model.forward_kld(x)), b), ""
     except Exception as e:  # noqa: BLE001
         peer, note = None, peer_missing("normflows", e)
-    return Row("flows-realnvp", "flows.py RealNVP", f"2D toy, 8 affine couplings of 64-64 MLPs, batch {b}", "pt",
-               ours, peer, note)
+    return Row("flows-realnvp", "flows.py RealNVP", f"2D toy, 8 affine couplings of 64-64 MLPs, batch {b}",
+               "pt", ours, peer, note)
 
 
 def _maf_ours(device, b):
@@ -352,7 +374,8 @@ def row_flows_maf_zuko(device, b):
         import zuko
         peer_model = zuko.flows.MAF(features=2, context=0, transforms=8, hidden_features=(64, 64)).to(device)
         peer_opt = common.adam(peer_model.parameters(), lr=1e-3)
-        peer, note = Side("zuko MAF", plain_step(peer_model, peer_opt, lambda: -peer_model().log_prob(x).mean()), b), ""
+        peer, note = Side("zuko MAF",
+                          plain_step(peer_model, peer_opt, lambda: -peer_model().log_prob(x).mean()), b), ""
     except Exception as e:  # noqa: BLE001
         peer, note = None, peer_missing("zuko", e)
     return Row("flows-maf-zuko", "flows.py MAF", f"2D toy, 8 MADE layers of 64-64 units, batch {b}", "pt",
@@ -365,7 +388,8 @@ def row_flows_maf_nflows(device, b):
         import torch.nn.functional as F
         from nflows.distributions.normal import StandardNormal
         from nflows.flows.base import Flow
-        from nflows.transforms import CompositeTransform, MaskedAffineAutoregressiveTransform, ReversePermutation
+        from nflows.transforms import (CompositeTransform, MaskedAffineAutoregressiveTransform,
+                                       ReversePermutation)
         layers = []
         for _ in range(8):  # MADE 2-64-64-4 (one feed-forward block between the input and output layers)
             layers += [MaskedAffineAutoregressiveTransform(features=2, hidden_features=64, num_blocks=1,
@@ -373,7 +397,8 @@ def row_flows_maf_nflows(device, b):
                        ReversePermutation(features=2)]
         peer_model = Flow(CompositeTransform(layers), StandardNormal([2])).to(device)
         peer_opt = common.adam(peer_model.parameters(), lr=1e-3)
-        peer, note = Side("nflows MAF", plain_step(peer_model, peer_opt, lambda: -peer_model.log_prob(x).mean()), b), ""
+        peer, note = Side("nflows MAF",
+                          plain_step(peer_model, peer_opt, lambda: -peer_model.log_prob(x).mean()), b), ""
     except Exception as e:  # noqa: BLE001
         peer, note = None, peer_missing("nflows", e)
     return Row("flows-maf-nflows", "flows.py MAF", f"2D toy, 8 MADE layers of 64-64 units, batch {b}", "pt",
@@ -397,19 +422,23 @@ def row_flows_glow(device, b):
         q0, blocks, merges = [], [], []
         for i in range(levels):  # coarsest level first, as normflows' MultiscaleFlow takes them
             channels = data.shape[0] * 2 ** (levels + 1 - i)  # 8 at 7 x 7, 4 at 14 x 14
-            blocks.append([nf.flows.GlowBlock(channels, width, split_mode="channel", scale=True) for _ in range(depth)]
-                          + [nf.flows.Squeeze()])
+            blocks.append(
+                [nf.flows.GlowBlock(channels, width, split_mode="channel", scale=True) for _ in range(depth)]
+                + [nf.flows.Squeeze()])
             side = data.shape[1] // 2 ** (levels - i)
             q0.append(nf.distributions.DiagGaussian((channels if i == 0 else channels // 2, side, side)))
             if i > 0:
                 merges.append(nf.flows.Merge())
-        peer_model = nf.MultiscaleFlow(q0, blocks, merges, transform=nf.transforms.Logit(alpha=flows.LOGIT_ALPHA),
+        peer_model = nf.MultiscaleFlow(q0, blocks, merges,
+                                       transform=nf.transforms.Logit(alpha=flows.LOGIT_ALPHA),
                                        class_cond=False).to(device)
         peer_opt = common.adam(peer_model.parameters(), lr=1e-3)
-        peer, note = Side("normflows Glow", plain_step(peer_model, peer_opt, lambda: peer_model.forward_kld(x)), b), ""
+        peer, note = Side("normflows Glow",
+                          plain_step(peer_model, peer_opt, lambda: peer_model.forward_kld(x)), b), ""
     except Exception as e:  # noqa: BLE001
         peer, note = None, peer_missing("normflows", e)
-    return Row("flows-glow", "flows.py Glow", f"dequantized MNIST, {levels} levels x depth {depth}, width {width}, "
+    return Row("flows-glow", "flows.py Glow",
+               f"dequantized MNIST, {levels} levels x depth {depth}, width {width}, "
                f"batch {b}", "img", ours, peer, note)
 
 
@@ -433,7 +462,8 @@ ROWS = {  # key -> (builder, batch size); --tiny divides the batch sizes
     "pixelcnn-pixelcnn": (row_pixelcnn("pixelcnn"), 32), "pixelcnn-rowlstm": (row_pixelcnn("rowlstm"), 32),
     "pixelcnn-diagbilstm": (row_pixelcnn("diagbilstm"), 32), "pixelcnn-sample-pixelcnn": (row_pixelcnn_sample(
         "pixelcnn"), 16), "pixelcnn-sample-rowlstm": (row_pixelcnn_sample("rowlstm"), 16),
-    "pixelcnn-sample-diagbilstm": (row_pixelcnn_sample("diagbilstm"), 16), "flows-realnvp": (row_flows_realnvp, 512),
+    "pixelcnn-sample-diagbilstm": (row_pixelcnn_sample("diagbilstm"), 16),
+    "flows-realnvp": (row_flows_realnvp, 512),
     "flows-maf-zuko": (row_flows_maf_zuko, 512), "flows-maf-nflows": (row_flows_maf_nflows, 512),
     "flows-glow": (row_flows_glow, 64), "ffjord": (row_ffjord, 200),
 }
@@ -551,9 +581,9 @@ def against_side(args, key: str, build, device: torch.device, b: int) -> Side:
 
 
 def peak_memory(args, key: str, side: str) -> str:
-    """Peak memory of one step of a row's side, measured in a fresh process (`--peak-of`): on a CPU the process's
-    high-water resident set (imports and the built model included, the same for both sides), on cuda the
-    largest allocation by torch."""
+    """Peak memory of one step of a row's side, measured in a fresh process (`--peak-of`): on a CPU the
+    process's high-water resident set (imports and the built model included, the same for both sides), on cuda
+    the largest allocation by torch."""
     command = [sys.executable, "-m", "results.bench", "--peak-of", f"{key}:{side}", "--device", args.device,
                "--threads", str(args.threads)] + (["--against", str(args.against)] if args.against else []) \
         + (["--tiny"] if args.tiny else [])
@@ -585,11 +615,13 @@ def peak_rss_mib() -> float:
     """The process's high-water resident set: VmHWM on Linux (reset by exec, unlike ru_maxrss, which a child
     inherits from the parent that forked it), else ru_maxrss."""
     try:
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines()
+                    if ln.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin"
+                                                                     else 1024)
 
 
 def run_table(args, device: torch.device) -> list[str]:
@@ -611,7 +643,8 @@ def run_table(args, device: torch.device) -> list[str]:
         out.append([row.model, row.config, rate(row.ours.items, seconds[0], row.unit), peer, ratio])
         if row.note and not row.note.startswith("peer:"):  # a peer that exists but is not installed here
             notes.append(f"note: {key}: {row.note}; skipped its peer (see requirements-bench.txt)")
-        print(f"  {key}: {out[-1][2]}" + (f", {peer}, ratio {ratio}" if row.peer else ""), file=sys.stderr, flush=True)
+        print(f"  {key}: {out[-1][2]}" + (f", {peer}, ratio {ratio}" if row.peer else ""),
+              file=sys.stderr, flush=True)
         if args.memory:
             memory = f"peak memory of one step, {key}: ours {peak_memory(args, key, 'ours')}"
             if row.peer:
@@ -621,7 +654,8 @@ def run_table(args, device: torch.device) -> list[str]:
 
 
 def run_gpu_ddpm(args, device: torch.device) -> list[str]:
-    """The paper's CIFAR-10 U-Net training step and sampling, ours (NHWC and NCHW) against lucidrains' Unet."""
+    """The paper's CIFAR-10 U-Net training step and sampling, ours (NHWC and NCHW) against
+    lucidrains' Unet."""
     import ddpm
     amp = device.type == "cuda"
     if args.tiny:  # seconds on a CPU: the same code at a toy size
@@ -663,18 +697,19 @@ def run_gpu_ddpm(args, device: torch.device) -> list[str]:
         ours_text = f"{rate(b, seconds[0], 'img')} ({millions(ours[1])})"
         rows.append([f"ddpm.py U-Net training step, {layout}", config, ours_text, peer_text, ratio])
         if len(sides) > 2:
-            rows.append([f"ddpm.py U-Net training step, {layout}, --compile", config, rate(b, seconds[2], "img"),
-                         "–", "–"])
+            rows.append([f"ddpm.py U-Net training step, {layout}, --compile", config,
+                         rate(b, seconds[2], "img"), "–", "–"])
         if channels_last == (device.type == "cuda"):  # sampling and host syncs in ddpm.py's default layout
             rows.append(sampling_row(ours[1], ours[2], peer, shape, n_sample, amp, device, args, layout))
             if device.type == "cuda":
-                notes.append(f"host synchronizations per training step ({layout}): {count_syncs(ours[0], device)}")
+                notes.append(
+                    f"host synchronizations per training step ({layout}): {count_syncs(ours[0], device)}")
     return notes + table(rows)
 
 
 def sampling_row(model, ema, peer, shape, n, amp, device, args, layout) -> list[str]:
-    """Samples/s of the reverse process: one network forward per step at n samples, with ddpm.py's DDIM sampler,
-    scaled to 1000 ancestral steps (Algorithm 2) and 100 DDIM steps."""
+    """Samples/s of the reverse process: one network forward per step at n samples, with ddpm.py's DDIM
+    sampler, scaled to 1000 ancestral steps (Algorithm 2) and 100 DDIM steps."""
     import ddpm
     steps = 2 if args.tiny else 10
     sides = []
@@ -710,21 +745,28 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto (common.get_device)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core or "
-                                                           "$OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default, one per core or "
+                        "$OMP_NUM_THREADS)")
     p.add_argument("--only", type=lambda s: [k for k in s.split(",") if k], default=[],
                    help=f"comma-separated rows or model files (e.g. ddpm,flows); rows: {', '.join(ROWS)}")
-    p.add_argument("--repeats", type=int, default=5, help="timed blocks per side, alternating; medians reported")
-    p.add_argument("--gpu-ddpm", action="store_true", help="the paper's CIFAR-10 DDPM U-Net step and sampling, ours "
-                                                           "against lucidrains' Unet (meant for --device cuda)")
-    p.add_argument("--compile", action="store_true", help="with --gpu-ddpm: also time torch.compile of our network")
-    p.add_argument("--against", type=Path, default=None, help="a folder with other copies of the model files (an "
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed blocks per side, alternating; medians reported")
+    p.add_argument("--gpu-ddpm", action="store_true",
+                   help="the paper's CIFAR-10 DDPM U-Net step and sampling, ours "
+                        "against lucidrains' Unet (meant for --device cuda)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --gpu-ddpm: also time torch.compile of our network")
+    p.add_argument("--against", type=Path, default=None,
+                   help="a folder with other copies of the model files (an "
                    "older checkout): its version of each row is timed in the peer column, in the same run")
-    p.add_argument("--memory", action="store_true", help="also the peak memory of one step of each side, each in a "
+    p.add_argument("--memory", action="store_true",
+                   help="also the peak memory of one step of each side, each in a "
                    "fresh process (peak RSS on a CPU, torch's largest allocation on cuda)")
     p.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # KEY:ours|peer, the child of --memory
-    p.add_argument("--tiny", action="store_true", help="toy sizes and one step per block: a check that runs in "
-                                                       "seconds on a CPU, not a measurement")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy sizes and one step per block: a check that runs in "
+                        "seconds on a CPU, not a measurement")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 0:
         p.error("--repeats must be >= 1 and --threads >= 0")

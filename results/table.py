@@ -1,4 +1,5 @@
-"""One likelihood table per data convention, across every model file, measured by the commands next to the figures.
+"""One likelihood table per data convention, across every model file, measured by the commands next to
+the figures.
 
 Every model file reports its test likelihood the same way (README.md, "Data conventions"): nats per image for
 binarized MNIST, bits per dimension for 8-bit MNIST, and for the 2D toys nats per point with
@@ -6,14 +7,18 @@ KL(data || model) = NLL - H(data). This script holds the rows of README.md's tab
 estimator, budget, the paper's figure), runs them, records what each run printed, and renders the tables.
 
     python -m results.table list                          # every row and its command
-    python -m results.table run vae-bmnist --seeds 0 1    # run rows (one thread per process), record the figures
+    python -m results.table run vae-bmnist --seeds 0 1    # run rows (one thread per process),
+                                                          # record the figures
     python -m results.table run --table toys --jobs 2     # a whole table, two runs at a time
-    python -m results.table record vae-bmnist --seed 0 --run-dir runs/x   # a finished run of exactly that command,
-                                                          # made with the code as it is now
-    python -m results.table render                        # rewrite README.md's tables from results/measured.jsonl
-    python -m results.table render --check                # fail if a row lacks a figure or its code changed since
-    python -m results.table figure                        # results/samples.png: every row's samples in one figure,
-                                                          # results/curves.png: test NLL against training minutes
+    python -m results.table record vae-bmnist --seed 0 --run-dir runs/x   # a finished run of exactly
+                                                          # that command, made with the code as it is now
+    python -m results.table render                        # rewrite README.md's tables from
+                                                          # results/measured.jsonl
+    python -m results.table render --check                # fail if a row lacks a figure or its code
+                                                          # changed since
+    python -m results.table figure                        # results/samples.png: every row's samples
+                                                          # in one figure, results/curves.png: test NLL
+                                                          # against training minutes
 
 A run of row R with seed S is `python FILE FLAGS --seed S --out runs/results/R-sS`. Its figure is the headline
 key of the last "test" line of its metrics.jsonl; it is appended to results/measured.jsonl with the wall time,
@@ -62,8 +67,8 @@ class Row:
     paper: str = "–"  # the paper's figure in the same convention, with where it is from
     seeds: tuple[int, ...] = (0, 1)  # seeds to run (at least two where the budget allows)
     data: str = ""  # toys: the data set (also in the flags)
-    picture: str = "samples.png"  # the run's picture in results/samples.png (flows: temperature 0.7 as in Glow;
-    # VQ-VAE stage one: its reconstructions)
+    picture: str = "samples.png"  # the run's picture in results/samples.png (flows: temperature 0.7 as
+                                  # in Glow; VQ-VAE stage one: its reconstructions)
 
     @property
     def key(self) -> str:
@@ -73,17 +78,20 @@ class Row:
         return f"python {self.file} {self.flags} --seed {seed}".replace("  ", " ")
 
     def argv(self, seed: int) -> list[str]:
-        return [*shlex.split(self.flags), "--seed", str(seed), "--out", str(self.run_dir(seed)), "--overwrite"]
+        return [*shlex.split(self.flags), "--seed", str(seed), "--out",
+                str(self.run_dir(seed)), "--overwrite"]
 
     def run_dir(self, seed: int) -> Path:
         return Path("runs") / "results" / f"{self.id}-s{seed}"
 
 
 TABLES = {
-    "binarized_mnist": "Binarized MNIST (dynamically binarized, README's `binarized_mnist`): test NLL, nats per "
-                       "image",
-    "mnist": "8-bit MNIST: test NLL, bits per dimension (densities on dequantized data: an upper bound on the "
-             "discrete NLL, README's units)",
+    "binarized_mnist":
+        "Binarized MNIST (dynamically binarized, README's `binarized_mnist`): test NLL, nats per "
+        "image",
+    "mnist":
+        "8-bit MNIST: test NLL, bits per dimension (densities on dequantized data: an upper bound on the "
+        "discrete NLL, README's units)",
     "toys": "2D toys: test KL(data || model) = NLL - H(data), nats per point (NLL in brackets)",
 }
 UNITS = {"binarized_mnist": ("nats", 2), "mnist": ("bpd", 3), "toys": ("nats", 3)}
@@ -96,22 +104,23 @@ ROWS: tuple[Row, ...] = (
         "--k 5 --epochs 3 --eval-k 1000 --eval-n 2000 --eval-every 1000000000",
         "IWAE k = 1000, first 2000 test images", "3 epochs",
         "85.54 (Burda et al. 2016, Table 1, k = 5, 3280 epochs)"),
-    Row("iwae-vae-k5-bmnist", "binarized_mnist", "VAE with k = 5 samples (IWAE's network and budget)", "iwae.py",
-        "--objective vae --k 5 --epochs 3 --eval-k 1000 --eval-n 2000 --eval-every 1000000000",
+    Row("iwae-vae-k5-bmnist", "binarized_mnist", "VAE with k = 5 samples (IWAE's network and budget)",
+        "iwae.py", "--objective vae --k 5 --epochs 3 --eval-k 1000 --eval-n 2000 --eval-every 1000000000",
         "IWAE k = 1000, first 2000 test images", "3 epochs",
         "86.47 (Burda et al. 2016, Table 1, VAE k = 5, 3280 epochs)"),
     Row("savae-bmnist", "binarized_mnist", "SA-VAE, K = 20 SVI steps, MADE decoder", "savae.py",
-        "--epochs 1 --eval-k 100 --eval-n 1000", "IWAE k = 100 under the refined posterior, first 1000 test images",
-        "1 epoch", seeds=(0,)),
+        "--epochs 1 --eval-k 100 --eval-n 1000",
+        "IWAE k = 100 under the refined posterior, first 1000 test images", "1 epoch", seeds=(0,)),
     Row("vae-planar-bmnist", "binarized_mnist", "VAE with a planar-flow posterior, K = 8", "flows.py",
         "--task vae --flow planar --steps 2340 --eval-n 2000", "IWAE k = 1000, first 2000 test images",
         "5 epochs (2340 steps of 128)", seeds=(0,)),
-    Row("nvae-bmnist", "binarized_mnist", "NVAE, small CPU configuration (4 groups, 389k parameters)", "nvae.py",
-        "--dataset binarized_mnist --eval-n 1000 --eval-k 100", "IWAE k = 100, first 1000 test images", "3 epochs",
+    Row("nvae-bmnist", "binarized_mnist", "NVAE, small CPU configuration (4 groups, 389k parameters)",
+        "nvae.py", "--dataset binarized_mnist --eval-n 1000 --eval-k 100",
+        "IWAE k = 100, first 1000 test images", "3 epochs",
         "about 78 (Vahdat & Kautz 2020, full model on GPUs)", seeds=(0,)),
     Row("vae-long-bmnist", "binarized_mnist", "VAE, MLP 784-400-20, at NVAE's training time", "vae.py",
-        "--dataset binarized_mnist --epochs 115 --eval-n 1000 --eval-k 100", "IWAE k = 100, first 1000 test images",
-        "115 epochs", seeds=(0,)),
+        "--dataset binarized_mnist --epochs 115 --eval-n 1000 --eval-k 100",
+        "IWAE k = 100, first 1000 test images", "115 epochs", seeds=(0,)),
     Row("pixelcnn-bmnist", "binarized_mnist", "PixelCNN", "pixelcnn.py",
         "--arch pixelcnn --epochs 6 --eval-n 1000", "exact, first 1000 test images",
         "6 epochs (11,250 steps of 32; ~30 min at the bench's 250 img/s, one thread)",
@@ -133,33 +142,38 @@ ROWS: tuple[Row, ...] = (
         "1.06 (Dinh et al. 2017, as reported by FFJORD)", seeds=(0,), picture="samples_t0.7.png"),
     Row("glow-mnist", "mnist", "Glow, 2 levels x 4 steps, width 32", "flows.py",
         "--task images --flow glow --dataset mnist --depth 4 --width 32 --steps 20000 --eval-every 4000",
-        "exact, all 10,000 test images", "20,000 steps of 64 (21 epochs)", "1.05 (Kingma & Dhariwal 2018, Table 2)",
-        seeds=(0,), picture="samples_t0.7.png"),
+        "exact, all 10,000 test images", "20,000 steps of 64 (21 epochs)",
+        "1.05 (Kingma & Dhariwal 2018, Table 2)", seeds=(0,), picture="samples_t0.7.png"),
     Row("ffjord-mnist", "mnist", "FFJORD, one CNF block, 32-32", "ffjord.py",
-        "--dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 --steps 40 --eval-n 200",
+        "--dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 --steps 40 "
+        "--eval-n 200",
         "ODE (dopri5, tol 1e-3), Hutchinson, first 200 test images", "40 steps of 32",
         "0.99 (Grathwohl et al. 2019, Table 2)", seeds=(0, 1)),
-    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (32 channels, (1, 2), no attention: the CPU recipe)", "ddpm.py",
+    Row("ddpm-mnist", "mnist", "DDPM, small U-Net (32 channels, (1, 2), no attention: the CPU recipe)",
+        "ddpm.py",
         "--dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
         "--batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1000 --eval-n 1000 --eval-t 50 "
-        "--sampler ddim --sample-steps 50", "variational bound, 50 stratified t per image, first 1000 test images",
+        "--sampler ddim --sample-steps 50",
+        "variational bound, 50 stratified t per image, first 1000 test images",
         "3000 steps of 32 (1.6 epochs)", "3.75 on CIFAR-10 (Ho et al. 2020, Table 2, L_simple)", seeds=(0,)),
     Row("ncsn_sde-mnist", "mnist", "score SDE (VP), small U-Net", "ncsn_sde.py",
         "--dataset mnist --channels 32 --channel-mult 1 2 --num-res-blocks 1 --attn-res 0 --dropout 0 "
-        "--batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1500 --eval-n 100 --sample-steps 200 "
-        "--rtol 1e-3 --atol 1e-3", "probability-flow ODE (dopri5, tol 1e-3), Hutchinson, first 100 test images",
+        "--batch-size 32 --lr 1e-3 --warmup 100 --steps 3000 --eval-every 1500 --eval-n 100 "
+        "--sample-steps 200 --rtol 1e-3 --atol 1e-3",
+        "probability-flow ODE (dopri5, tol 1e-3), Hutchinson, first 100 test images",
         "3000 steps of 32 (1.6 epochs)", "2.99 on CIFAR-10 (Song et al. 2021, VP, deep DDPM++)", seeds=(0,)),
     Row("nvae-mnist", "mnist", "NVAE, small CPU configuration, logistic mixture decoder", "nvae.py",
         "--dataset mnist --steps 700 --eval-n 500 --eval-k 20", "IWAE k = 20, first 500 test images",
         "700 steps of 128 (1.5 epochs)", seeds=(0,)),
     Row("vqvae-mnist", "mnist", "VQ-VAE, K = 128, uniform prior (stage one)", "vqvae.py",
-        "--dataset mnist --ema --restart 1 --hidden 64 --codebook-size 128 --code-dim 32 --batch-size 64 --lr 1e-3 "
-        "--steps 8000", "bound: decoder NLL + log K per code, all 10,000 test images", "8000 steps of 64 (8.5 epochs)",
-        seeds=(0,), picture="recon.png"),
-    Row("vqvae-prior-mnist", "mnist", "VQ-VAE + gated PixelCNN prior (stage two on vqvae-mnist seed 0)", "vqvae.py",
-        "--stage prior --vqvae runs/results/vqvae-mnist-s0 --prior-hidden 64 --prior-layers 8 --batch-size 64 "
-        "--lr 1e-3 --steps 4000", "bound: decoder NLL + prior NLL of the codes, all 10,000 test images",
-        "4000 prior steps of 64", "4.67 on CIFAR-10 (van den Oord et al. 2017)", seeds=(0,)),
+        "--dataset mnist --ema --restart 1 --hidden 64 --codebook-size 128 --code-dim 32 --batch-size 64 "
+        "--lr 1e-3 --steps 8000", "bound: decoder NLL + log K per code, all 10,000 test images",
+        "8000 steps of 64 (8.5 epochs)", seeds=(0,), picture="recon.png"),
+    Row("vqvae-prior-mnist", "mnist", "VQ-VAE + gated PixelCNN prior (stage two on vqvae-mnist seed 0)",
+        "vqvae.py", "--stage prior --vqvae runs/results/vqvae-mnist-s0 --prior-hidden 64 --prior-layers 8 "
+        "--batch-size 64 --lr 1e-3 --steps 4000",
+        "bound: decoder NLL + prior NLL of the codes, all 10,000 test images", "4000 prior steps of 64",
+        "4.67 on CIFAR-10 (van den Oord et al. 2017)", seeds=(0,)),
     Row("pixelcnn-mnist", "mnist", "PixelCNN, 256-way softmax", "pixelcnn.py",
         "--dataset mnist --arch pixelcnn --epochs 4 --eval-n 1000", "exact, first 1000 test images",
         "4 epochs (7500 steps of 32; ~30 min at 160 img/s, one thread, load 2)", seeds=(0,)),
@@ -169,12 +183,13 @@ ROWS: tuple[Row, ...] = (
       for name, model, file, flags, estimator, budget in (
           ("vae", "VAE, Gaussian decoder", "vae.py", "--steps 5000", "IWAE k = 1000", "5000 steps of 128"),
           ("ddpm", "DDPM, MLP", "ddpm.py",
-           "--batch-size 256 --steps 10000 --lr 1e-3 --warmup 100 --ema-decay 0.999 --eval-t 100 --eval-n 5000 "
-           "--sampler ddim --sample-steps 100", "variational bound, 100 stratified t, 5000 test points",
-           "10,000 steps of 256"),
+           "--batch-size 256 --steps 10000 --lr 1e-3 --warmup 100 --ema-decay 0.999 --eval-t 100 "
+           "--eval-n 5000 --sampler ddim --sample-steps 100",
+           "variational bound, 100 stratified t, 5000 test points", "10,000 steps of 256"),
           ("realnvp", "RealNVP, 8 couplings", "flows.py", "--flow realnvp", "exact", "10,000 steps of 512"),
           ("maf", "MAF, 8 MADEs", "flows.py", "--flow maf", "exact", "10,000 steps of 512"),
-          ("ffjord", "FFJORD, 64-64-64", "ffjord.py", "--steps 4000 --lr 3e-3 --rtol 1e-3 --atol 1e-3 --eval-n 5000",
+          ("ffjord", "FFJORD, 64-64-64", "ffjord.py",
+           "--steps 4000 --lr 3e-3 --rtol 1e-3 --atol 1e-3 --eval-n 5000",
            "ODE (dopri5, tol 1e-3), exact trace, 5000 test points", "4000 steps of 200"),
           ("ebm", "EBM, MLP, SGLD with a replay buffer", "ebm_jem.py",
            "--model ebm --arch mlp --batch-size 256 --lr 1e-3 --lr-decay --energy-reg 0.01 "
@@ -184,7 +199,8 @@ ROWS: tuple[Row, ...] = (
            "2000 steps of 256"),
           ("ncsn_sde", "score SDE (VP), MLP", "ncsn_sde.py",
            "--batch-size 256 --lr 1e-3 --warmup 100 --steps 6000 --eval-every 3000 --eval-n 5000",
-           "probability-flow ODE (dopri5, tol 1e-5), exact divergence, 5000 test points", "6000 steps of 256"),
+           "probability-flow ODE (dopri5, tol 1e-5), exact divergence, 5000 test points",
+           "6000 steps of 256"),
       )),
 )
 BY_ID = {row.id: row for row in ROWS}
@@ -219,9 +235,11 @@ def run_clock(run_dir: Path) -> float:
 
 
 def test_curve(run_dir: Path, key: str) -> list[list[float]]:
-    """[seconds since the start, step, figure] of every test line of run_dir/metrics.jsonl that holds `key`, the
-    evaluations during training and the final one, on the clock of `run_clock` (summed over resumptions)."""
-    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """[seconds since the start, step, figure] of every test line of run_dir/metrics.jsonl that holds `key`,
+    the evaluations during training and the final one, on the clock of `run_clock` (summed over
+    resumptions)."""
+    lines = [json.loads(line)
+             for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve, offset, last = [], 0.0, 0.0
     for line in lines:
         if line["time"] < last:  # a --resume restarted the clock
@@ -268,7 +286,8 @@ FIGURE_FUNCTIONS = ("adam",)
 
 
 def common_figure_parts(source: str) -> list[str]:
-    """The texts of common.py's FIGURE_SECTIONS (each from its header to the next section) and FIGURE_FUNCTIONS."""
+    """The texts of common.py's FIGURE_SECTIONS (each from its header to the next section)
+    and FIGURE_FUNCTIONS."""
     lines = source.splitlines(keepends=True)
     rules = [i for i, line in enumerate(lines) if line.startswith("# -----")]
     heads = [i + 1 for i, j in zip(rules, rules[1:]) if j - i <= 4]  # a header: a few lines between two rules
@@ -325,16 +344,16 @@ def git_commit() -> str:
 
 def make_record(row: Row, seed: int, run_dir: Path, wall_s: float, max_load: float | None,
                 wall_source: str, threads: str) -> dict:
-    """What a finished run measured. `wall_source` "runner" means the whole command, timed here; "metrics.jsonl"
-    means the run's own clock (from its start to its last test line, imports excluded); `max_load` None: not
-    observed (treated as a shared CPU); `threads` is the run's OMP_NUM_THREADS."""
+    """What a finished run measured. `wall_source` "runner" means the whole command, timed here;
+    "metrics.jsonl" means the run's own clock (from its start to its last test line, imports excluded);
+    `max_load` None: not observed (treated as a shared CPU); `threads` is the run's OMP_NUM_THREADS."""
     line = final_test_line(ROOT / run_dir, row.key)
     extra = {k: v for k, v in line.items() if k not in ("split", "step", "time", row.key)}
     extra["curve"] = test_curve(ROOT / run_dir, row.key)
-    return {"row": row.id, "seed": seed, "figure": line[row.key], "extra": extra, "command": row.command(seed),
-            "wall_s": round(wall_s, 1), "wall_source": wall_source,
-            "max_load": None if max_load is None else round(max_load, 2),
-            "host": host(threads), "code": code_hash(row.file), "commit": git_commit(), "run_dir": str(run_dir),
+    return {"row": row.id, "seed": seed, "figure": line[row.key], "extra": extra,
+            "command": row.command(seed), "wall_s": round(wall_s, 1), "wall_source": wall_source,
+            "max_load": None if max_load is None else round(max_load, 2), "host": host(threads),
+            "code": code_hash(row.file), "commit": git_commit(), "run_dir": str(run_dir),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -403,8 +422,8 @@ def run_rows(rows: list[Row], seeds: list[int] | None, jobs: int, threads: int, 
             try:
                 if job.proc.returncode != 0:
                     raise ResultError(f"exit code {job.proc.returncode}, see {job.log.relative_to(ROOT)}")
-                record = make_record(job.row, job.seed, job.row.run_dir(job.seed), wall, job.max_load, "runner",
-                                     str(threads))
+                record = make_record(job.row, job.seed, job.row.run_dir(job.seed), wall, job.max_load,
+                                     "runner", str(threads))
             except ResultError as e:
                 failed += 1
                 print(f"FAILED {job.row.id} seed {job.seed}: {e}", flush=True)
@@ -460,14 +479,15 @@ def render_table(table: str, records: dict[tuple[str, int], dict]) -> tuple[str,
         else:
             stale = [r for r in found if r["code"] != code_hash(row.file)]
             if stale:
-                problems.append(f"{row.id}: {row.file} or common.py's data, seeds or units changed since seed(s) "
-                                f"{[r['seed'] for r in stale]} ran")
+                problems.append(
+                    f"{row.id}: {row.file} or common.py's data, seeds or units changed since seed(s) "
+                    f"{[r['seed'] for r in stale]} ran")
             cores = max(int(r["host"]["cores"] or 1) for r in found)
             figure, wall = format_figure(row, found), format_wall(found, cores)
             figure += " ‡" if stale else ""
             seeds = ", ".join(str(r["seed"]) for r in found)
-        cells = [row.model, f"`{row.file}`", *([row.data] if table == "toys" else []), row.estimator, row.budget,
-                 figure, seeds, row.paper, wall, f"`{row.command()}`"]
+        cells = [row.model, f"`{row.file}`", *([row.data] if table == "toys" else []), row.estimator,
+                 row.budget, figure, seeds, row.paper, wall, f"`{row.command()}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), problems
 
@@ -481,12 +501,13 @@ def hardware_line(records: dict) -> str:
 
 def render(records: dict) -> tuple[str, list[str]]:
     parts, problems = [], []
-    parts.append(f"Measured with `python -m results.table run ROW` on: {hardware_line(records)}. The `± x` is the "
-                 "standard deviation over the seeds listed; one seed where the budget allowed only one. A "
-                 "run's wall time is its whole command (imports, data, training, evaluation); † marks runs "
-                 "during which the load average exceeded the number of cores (other jobs shared the CPU, so "
-                 "an idle machine is faster); ‡ marks figures measured before the code last changed (their "
-                 "row needs a rerun). Figures: results/measured.jsonl.")
+    parts.append(
+        f"Measured with `python -m results.table run ROW` on: {hardware_line(records)}. The `± x` is the "
+        "standard deviation over the seeds listed; one seed where the budget allowed only one. A "
+        "run's wall time is its whole command (imports, data, training, evaluation); † marks runs "
+        "during which the load average exceeded the number of cores (other jobs shared the CPU, so "
+        "an idle machine is faster); ‡ marks figures measured before the code last changed (their "
+        "row needs a rerun). Figures: results/measured.jsonl.")
     for table, title in TABLES.items():
         text, found = render_table(table, records)
         parts += [f"**{title}**", text]
@@ -506,7 +527,8 @@ def splice(document: str, block: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The samples figure
 # ----------------------------------------------------------------------------------------------------------
-SAMPLES = ROOT / "results" / "samples"  # each row's picture, kept with the figures (run folders are not committed)
+# each row's picture, kept with the figures (run folders are not committed)
+SAMPLES = ROOT / "results" / "samples"
 
 
 def current_records(records: dict) -> list[tuple[Row, dict]]:
@@ -565,7 +587,8 @@ COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def curve_of(record: dict) -> list[list[float]]:
-    """The record's [seconds, step, figure] test curve, or the one of its run folder when that is still here."""
+    """The record's [seconds, step, figure] test curve, or the one of its run folder when that is
+    still here."""
     curve = record["extra"].get("curve")
     run_dir = ROOT / record["run_dir"]
     if not curve and (run_dir / "metrics.jsonl").exists():
@@ -621,7 +644,8 @@ def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400)
             for x, y in points:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
             ly = top + 14 * i
-            draw.line([(x0 + width - right + 8, ly + 6), (x0 + width - right + 24, ly + 6)], fill=colour, width=2)
+            draw.line([(x0 + width - right + 8, ly + 6), (x0 + width - right + 24, ly + 6)],
+                      fill=colour, width=2)
             draw.text((x0 + width - right + 28, ly), row.id, fill="black")
     save_png(sheet, out)
     return sum(len(lines) for _, lines in panels)
@@ -644,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("list", help="every row and its command")
     p.add_argument("--table", choices=list(TABLES))
-    p = sub.add_parser("run", help="run rows and record their figures", formatter_class=parser.formatter_class)
+    p = sub.add_parser("run", help="run rows and record their figures",
+                       formatter_class=parser.formatter_class)
     p.add_argument("rows", nargs="*", help="row ids (default: all rows of --table, or every row)")
     p.add_argument("--table", choices=list(TABLES))
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: each row's own)")
@@ -657,8 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p = sub.add_parser("render", help="rewrite README.md's tables from results/measured.jsonl")
     p.add_argument("--check", action="store_true", help="exit 1 if a row is missing or stale")
-    sub.add_parser("figure", help="results/samples.png from every row's samples, results/curves.png from their "
-                                  "test curves")
+    sub.add_parser("figure",
+                   help="results/samples.png from every row's samples, results/curves.png from their "
+                        "test curves")
     args = parser.parse_args(argv)
     try:
         if args.what == "list":
@@ -671,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             row = select([args.row], None)[0]
             check_config(row, args.seed, Path(args.run_dir))
             wall = run_clock(Path(args.run_dir))
-            record = make_record(row, args.seed, Path(args.run_dir), wall, None, "metrics.jsonl", "not recorded")
+            record = make_record(row, args.seed, Path(args.run_dir), wall, None,
+                                 "metrics.jsonl", "not recorded")
             append_record(record)
             print(f"recorded {row.id} seed {args.seed}")
         elif args.what == "render":

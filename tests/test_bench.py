@@ -1,6 +1,6 @@
-"""results/bench.py: every model file has a row, the command-line options, and the tiny configurations run on a
-CPU and print a markdown table of the advertised shape (peers skipped with a note when not installed). No timing
-is asserted: the figures depend on the machine and its load."""
+"""results/bench.py: every model file has a row, the command-line options, and the tiny configurations run on
+a CPU and print a markdown table of the advertised shape (peers skipped with a note when not installed). No
+timing is asserted: the figures depend on the machine and its load."""
 import os
 import re
 import subprocess
@@ -37,8 +37,8 @@ def test_every_model_file_has_a_row():
 def test_help_lists_the_options_with_defaults():
     result = run_bench("--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    for text in ("--device", "--threads", "--only", "--repeats", "--gpu-ddpm", "--tiny", "--compile", "--against",
-                 "(default: cpu)", "(default: 5)"):
+    for text in ("--device", "--threads", "--only", "--repeats", "--gpu-ddpm", "--tiny", "--compile",
+                 "--against", "(default: cpu)", "(default: 5)"):
         assert text in result.stdout, text
 
 
@@ -77,17 +77,20 @@ def test_gpu_ddpm_tiny_runs_on_a_cpu():
 
 
 def test_a_missing_peer_gets_a_note_and_dashes(tmp_path):
-    (tmp_path / "normflows.py").write_text("raise ImportError('hidden by the test')\n")  # found before the real one
+    # found before the real one
+    (tmp_path / "normflows.py").write_text("raise ImportError('hidden by the test')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "results.bench", "--only", "flows-realnvp", "--tiny", "--repeats",
-                             "1"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env, check=False)
+    result = subprocess.run([sys.executable, "-m", "results.bench", "--only", "flows-realnvp", "--tiny",
+                             "--repeats", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env=env, check=False)
     assert result.returncode == 0, result.stderr
     assert "note: flows-realnvp: normflows is not installed" in result.stdout
     assert table_rows(result.stdout)[0][3:] == ["–", "–"]
 
 
 def test_against_times_the_other_copy_of_the_model_file_as_the_peer(tmp_path):
-    copy = (ROOT / "vae.py").read_text() + "\nimport sys\nprint('the other copy was imported', file=sys.stderr)\n"
+    copy = ((ROOT / "vae.py").read_text()
+            + "\nimport sys\nprint('the other copy was imported', file=sys.stderr)\n")
     (tmp_path / "vae.py").write_text(copy)
     result = run_bench("--only", "vae", "--tiny", "--repeats", "1", "--against", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -106,7 +109,8 @@ def test_against_refuses_a_folder_without_the_model_file(tmp_path):
 def test_memory_reports_a_peak_for_each_side_from_a_fresh_process():
     result = run_bench("--only", "flows-realnvp", "--tiny", "--repeats", "1", "--memory")
     assert result.returncode == 0, result.stderr
-    [line] = [ln for ln in result.stdout.splitlines() if ln.startswith("peak memory of one step, flows-realnvp: ours ")]
+    [line] = [ln for ln in result.stdout.splitlines()
+              if ln.startswith("peak memory of one step, flows-realnvp: ours ")]
     sizes = [float(v.replace(",", "")) for v in re.findall(r"([\d,]+) MiB", line)]
     assert len(sizes) == (1 if "normflows is not installed" in result.stdout else 2), line
     assert all(50 < size < 20_000 for size in sizes), line  # a python process with torch, not a parent's size

@@ -51,22 +51,26 @@ def test_parse_args_types_defaults_and_presets():
 
 
 def test_toy_or_image_preset_follows_the_dataset():
-    """--quick takes the toy preset on a 2D toy and the image preset otherwise (the default dataset included)."""
+    """--quick takes the toy preset on a 2D toy and the image preset otherwise (the default dataset
+    included)."""
     presets = {"quick": common.toy_or_image({"dataset": "mnist", "width": 4}, {"width": 8}, ToyArgs.dataset)}
     image = common.parse_args(ToyArgs, ["--quick"], presets)
     assert (image.dataset, image.width) == ("mnist", 4)
     toy = common.parse_args(ToyArgs, ["--quick", "--dataset", "two_moons"], presets)
     assert (toy.dataset, toy.width) == ("two_moons", 8)
-    assert common.parse_args(ToyArgs, ["--dataset", "two_moons"], presets).width == 64  # no --quick, no preset
+    # no --quick, no preset
+    assert common.parse_args(ToyArgs, ["--dataset", "two_moons"], presets).width == 64
     on_toy_default = {"quick": common.toy_or_image({"width": 4}, {"width": 8}, ToyArgs.dataset)}
     assert common.parse_args(ToyArgs, ["--quick"], on_toy_default).width == 8  # ToyArgs' default is a toy
 
 
 @pytest.mark.parametrize("argv, printed", [(["--quick", "--dataset", "mnist"], True), (["--quick"], False),
-                                           (["--dataset", "mnist"], False), (["--quick", "--dataset", ""], False)])
+                                           (["--dataset", "mnist"], False),
+                                           (["--quick", "--dataset", ""], False)])
 def test_quick_on_images_ends_with_the_recipe(tmp_path, capsys, monkeypatch, argv, printed):
     """The recipe is the command of the module docstring marked "# CPU recipe"."""
-    monkeypatch.setattr(sys.modules[__name__], "__doc__", "Title.\n\n    python x.py --quick  # a smoke test\n"
+    monkeypatch.setattr(sys.modules[__name__], "__doc__",
+                        "Title.\n\n    python x.py --quick  # a smoke test\n"
                         "    python x.py --long   # CPU recipe: 30 minutes\n")
     def train(args):
         dist, _ = common.setup(args)
@@ -197,7 +201,7 @@ def test_histogram_2d_counts_points_in_their_cells():
     assert counts.sum() == 3 and counts[7, 0] == 1 and counts[0, 7] == 2
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints and runs
+# --------------------------------------------------------------------------------------- checkpoints and runs
 def _run(tmp_path, **overrides):
     args = dataclasses.replace(ToyArgs(), out=str(tmp_path / "run"), **overrides)
     model = torch.nn.Linear(3, 1)

@@ -1,6 +1,6 @@
-"""ddpm.py: the forward process against the step-by-step chain, the posterior against Gaussian conditioning, the
-bound's terms, the discretized decoder, the samplers and the bound against Gaussian data with the optimal noise
-predictor, the Fréchet distance against closed forms; the U-Net's size; end-to-end runs and resume."""
+"""ddpm.py: the forward process against the step-by-step chain, the posterior against Gaussian conditioning,
+the bound's terms, the discretized decoder, the samplers and the bound against Gaussian data with the optimal
+noise predictor, the Fréchet distance against closed forms; the U-Net's size; end-to-end runs and resume."""
 
 import copy
 import dataclasses
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 class Oracle(nn.Module):
-    """Returns the true eps of x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps for a fixed batch x0 (knows the answer)."""
+    """Returns the true eps of x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps for a fixed batch x0 (knows
+    the answer)."""
 
     def __init__(self, x0: torch.Tensor):
         super().__init__()
@@ -36,8 +37,8 @@ class ShiftedOracle(Oracle):
 
 
 class GaussianOptimalEps(nn.Module):
-    """For data x0 ~ N(m, C): E[eps | x_t] = sqrt(1 - a_t) S_t^-1 (x_t - sqrt(a_t) m), S_t = a_t C + (1 - a_t) I.
-    This is the minimizer of L_simple, so a perfectly trained network."""
+    """For data x0 ~ N(m, C): E[eps | x_t] = sqrt(1 - a_t) S_t^-1 (x_t - sqrt(a_t) m),
+    S_t = a_t C + (1 - a_t) I. This is the minimizer of L_simple, so a perfectly trained network."""
 
     def __init__(self, m: torch.Tensor, C: torch.Tensor):
         super().__init__()
@@ -61,11 +62,12 @@ GAUSS_M = torch.tensor([1.0, -0.5], dtype=torch.float64)
 GAUSS_C = [[0.8, 0.3], [0.3, 0.4]]
 
 
-# ---------------------------------------------------------------------------------------------- schedules, forward
+# ----------------------------------------------------------------------------------------- schedules, forward
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_q_xt_given_x0_equals_t_steps_of_the_forward_chain(schedule):
     model = ddpm.Diffusion(nn.Identity(), "toy", 1000, schedule)
-    # exact moments of x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) e_t, step by step: mean factor and variance
+    # exact moments of x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) e_t, step by step: mean factor
+    # and variance
     factor, var = 1.0, 0.0
     factors, variances = [1.0], [0.0]
     for beta in model.betas[1:].tolist():
@@ -156,22 +158,26 @@ def test_kl_terms_vanish_when_the_model_mean_is_the_posterior_mean(variance):
     base = ddpm.bound_terms(model, x0, t)
     torch.manual_seed(1)
     extra = ddpm.bound_terms(shifted, x0, t) - base
-    coef = model.betas[t] / (1 - model.alphas_cumprod[t]).sqrt() / model.alphas[t].sqrt()  # mu shift per eps shift
+    # mu shift per eps shift
+    coef = model.betas[t] / (1 - model.alphas_cumprod[t]).sqrt() / model.alphas[t].sqrt()
     assert torch.allclose(extra, 3 * (0.1 * coef) ** 2 / (2 * model.sigma2[t]), rtol=1e-6)
 
 
 def test_discretized_gaussian_is_a_distribution_over_256_values():
     values = torch.arange(256) / 255 * 2 - 1  # the pixel grid on [-1, 1]
     for mean, var in [(0.3, 1e-4), (-1.0, 1e-5), (1.0, 0.01), (0.0, 1.0), (0.02, 1e-8), (3.0, 0.5)]:
-        log_p = ddpm.discretized_gaussian_log_prob(values[:, None], torch.full((256, 1), mean), torch.tensor(var))
+        log_p = ddpm.discretized_gaussian_log_prob(values[:, None],
+                                                   torch.full((256, 1), mean), torch.tensor(var))
         assert torch.logsumexp(log_p, 0).exp().item() == pytest.approx(1.0, abs=1e-9)
         normal = torch.distributions.Normal(mean, math.sqrt(var))  # an inner bin, from the CDF directly
         inner = normal.cdf(values[100] + 1 / 255) - normal.cdf(values[100] - 1 / 255)
         if inner > 1e-10:  # (a direct difference of CDFs cancels to 0 further out; the log form does not)
             assert log_p[100].exp().item() == pytest.approx(inner.item(), rel=1e-6)
     # float32, as trained: finite everywhere, mass 1
-    log_p = ddpm.discretized_gaussian_log_prob(values[:, None].float(), torch.full((256, 1), 0.2), torch.tensor(1e-4))
-    assert torch.isfinite(log_p).all() and torch.logsumexp(log_p, 0).exp().item() == pytest.approx(1.0, abs=1e-4)
+    log_p = ddpm.discretized_gaussian_log_prob(values[:, None].float(),
+                                               torch.full((256, 1), 0.2), torch.tensor(1e-4))
+    assert (torch.isfinite(log_p).all()
+            and torch.logsumexp(log_p, 0).exp().item() == pytest.approx(1.0, abs=1e-4))
 
 
 def test_gaussian_decoder_and_kl_match_torch_distributions():
@@ -180,8 +186,10 @@ def test_gaussian_decoder_and_kl_match_torch_distributions():
     expected = torch.distributions.Normal(mean, var.sqrt()).log_prob(x).sum(1)
     assert torch.allclose(ddpm.continuous_gaussian_log_prob(x, mean, var), expected)
     m2, v2 = torch.randn(5, 3), torch.rand(5, 3) + 0.1
-    p, q = torch.distributions.Normal(mean, var.sqrt().expand(5, 3)), torch.distributions.Normal(m2, v2.sqrt())
-    assert torch.allclose(ddpm.normal_kl(mean, var.expand(5, 3), m2, v2), torch.distributions.kl_divergence(p, q).sum(1))
+    p, q = (torch.distributions.Normal(mean, var.sqrt().expand(5, 3)),
+            torch.distributions.Normal(m2, v2.sqrt()))
+    assert torch.allclose(ddpm.normal_kl(mean, var.expand(5, 3), m2, v2),
+                          torch.distributions.kl_divergence(p, q).sum(1))
 
 
 def test_stratified_timesteps_are_an_unbiased_estimate_of_the_sum():
@@ -209,7 +217,8 @@ def test_samplers_reproduce_gaussian_data_with_the_optimal_noise_predictor(sampl
     mean_se = (C.diagonal() / n).sqrt()
     assert ((x.mean(0) - GAUSS_M).abs() < 4 * mean_se).all(), x.mean(0)
     cov = torch.cov(x.T)
-    cov_se = ((C**2 + C.diagonal()[:, None] * C.diagonal()[None]) / n).sqrt()  # sd of a sample covariance entry
+    # sd of a sample covariance entry
+    cov_se = ((C**2 + C.diagonal()[:, None] * C.diagonal()[None]) / n).sqrt()
     assert ((cov - C).abs() < 4 * cov_se + 0.01).all(), cov
 
 
@@ -233,11 +242,12 @@ def test_bound_is_above_and_close_to_the_exact_nll_of_gaussian_data(variance):
     nll = -torch.distributions.MultivariateNormal(GAUSS_M, C).log_prob(x0)
     parts = ddpm.nll_bound(model, x0, num_t=0, rows=50_000)  # exact over every t
     assert torch.allclose(parts["nll"], parts["prior"] + parts["diffusion"] + parts["decoder"])
-    gap = parts["nll"] - nll  # per example, a one-sample estimate of KL(q(x_1:T | x_0) || p(x_1:T | x_0)) >= 0
+    # per example, a one-sample estimate of KL(q(x_1:T | x_0) || p(x_1:T | x_0)) >= 0
+    gap = parts["nll"] - nll
     se = gap.std() / math.sqrt(len(gap))
     assert gap.mean() > -3 * se, (gap.mean(), se)
-    # sigma_t^2 = beta_t is close to the true reverse variance of smooth data: a tight bound; beta~_t is far too
-    # small at small t (beta~_1 = 0), which costs about a nat here (Nichol & Dhariwal 2021, Sec. 3.1)
+    # sigma_t^2 = beta_t is close to the true reverse variance of smooth data: a tight bound; beta~_t is far
+    # too small at small t (beta~_1 = 0), which costs about a nat here (Nichol & Dhariwal 2021, Sec. 3.1)
     assert gap.mean() < (0.03 if variance == "beta" else 2.0) + 3 * se, (gap.mean(), se)
     assert parts["prior"].max() < 1e-3  # L_T: q(x_T | x_0) is almost N(0, I)
     torch.manual_seed(1)  # the stratified estimate agrees with the exact sum within its error
@@ -255,14 +265,16 @@ def test_frechet_distance_matches_closed_forms():
     assert ddpm.frechet_distance(mu1, d1.diag(), mu2, d2.diag()) == pytest.approx(expected.item(), rel=1e-10)
     A, B = torch.randn(6, 6), torch.randn(6, 4)
     S1, S2 = A @ A.T + 0.1 * torch.eye(6), B @ B.T  # general, one of them singular
-    root_trace = torch.linalg.eigvals(S1 @ S2).real.clamp(min=0).sqrt().sum()  # tr (S1 S2)^(1/2) via eigenvalues
+    # tr (S1 S2)^(1/2) via eigenvalues
+    root_trace = torch.linalg.eigvals(S1 @ S2).real.clamp(min=0).sqrt().sum()
     expected = (mu1 - mu2).pow(2).sum() + S1.trace() + S2.trace() - 2 * root_trace
     assert ddpm.frechet_distance(mu1, S1, mu2, S2) == pytest.approx(expected.item(), rel=1e-6)
     assert ddpm.frechet_distance(mu2, S2, mu1, S1) == pytest.approx(expected.item(), rel=1e-6)
     assert ddpm.frechet_distance(mu1, S1, mu1, S1) == pytest.approx(0.0, abs=1e-9)
     x = torch.randn(200_000, 3) @ A[:3, :3].T + 1  # feature_stats: the sample mean and covariance
     mu, cov = ddpm.feature_stats(x)
-    assert torch.allclose(mu, torch.ones(3), atol=0.02) and torch.allclose(cov, A[:3, :3] @ A[:3, :3].T, rtol=0.02, atol=0.02)
+    assert (torch.allclose(mu, torch.ones(3), atol=0.02)
+            and torch.allclose(cov, A[:3, :3] @ A[:3, :3].T, rtol=0.02, atol=0.02))
 
 
 # ---------------------------------------------------------------------------------------------- networks, EMA
@@ -278,23 +290,28 @@ def test_paper_unet_has_35_7_million_parameters_and_image_shaped_output():
 
 
 def test_unet_with_16_base_channels_builds_and_runs():
-    # --channels 16: an up-path block takes 32 + 16 = 48 channels, which 32 groups do not divide; gcd(32, 48) = 16
+    # --channels 16: an up-path block takes 32 + 16 = 48 channels, which 32 groups do not divide;
+    # gcd(32, 48) = 16
     net = ddpm.UNet((1, 8, 8), 16, (1, 2), 1, (4,))
-    assert any(isinstance(m, nn.GroupNorm) and (m.num_channels, m.num_groups) == (48, 16) for m in net.modules())
-    assert ddpm.group_norm(64).num_groups == 32 and ddpm.group_norm(16).num_groups == 16  # 32 where they divide
+    assert any(isinstance(m, nn.GroupNorm) and (m.num_channels, m.num_groups) == (48, 16)
+               for m in net.modules())
+    # 32 where they divide
+    assert ddpm.group_norm(64).num_groups == 32 and ddpm.group_norm(16).num_groups == 16
     x = torch.randn(2, 1, 8, 8)
     assert net(x, torch.tensor([1, 1000])).shape == x.shape
 
 
 def test_timestep_embedding_is_sin_and_cos_of_t_in_the_network_dtype():
     t = torch.tensor([1, 7, 1000])
-    freqs = torch.exp(-math.log(10000) * torch.arange(8, dtype=torch.float64) / 7)  # dim 16: 10000^(-i/(d/2-1))
+    # dim 16: 10000^(-i/(d/2-1))
+    freqs = torch.exp(-math.log(10000) * torch.arange(8, dtype=torch.float64) / 7)
     angles = t.double()[:, None] * freqs[None]
     expected = torch.cat([angles.sin(), angles.cos()], 1)
     assert torch.equal(ddpm.timestep_embedding(t, 16, dtype=torch.float64), expected)
     assert ddpm.timestep_embedding(t, 16).dtype == torch.float32  # the default, as under bf16 autocast
     seen = []
-    net = ddpm.UNet((1, 8, 8), 16, (1, 2), 1, (4,))  # the embedding reaches the network unscaled, in its dtype
+    # the embedding reaches the network unscaled, in its dtype
+    net = ddpm.UNet((1, 8, 8), 16, (1, 2), 1, (4,))
     net.time.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
     net(torch.randn(3, 1, 8, 8), t)
     assert net.time_scale == 1.0 and torch.equal(seen[0], expected)
@@ -314,7 +331,8 @@ def test_ema_follows_the_weights_with_warm_up():
 
 
 def small_unet_diffusion(T: int = 40, dropout: float = 0.1) -> ddpm.Diffusion:
-    """An 8x8 U-Net whose zero-initialized layers are redrawn, so its output (and gradient) depends on its input."""
+    """An 8x8 U-Net whose zero-initialized layers are redrawn, so its output (and gradient) depends on
+    its input."""
     torch.manual_seed(0)
     net = ddpm.UNet((1, 8, 8), 32, (1, 2), 1, (4,), dropout)
     for m in net.modules():
@@ -354,9 +372,11 @@ def test_a_float64_model_samples_and_bounds_in_float64_with_the_exact_schedule()
     torch.manual_seed(0)
     model = ddpm.Diffusion(ddpm.MLP(2, 16), "toy", T=100, variance="posterior").double()
     assert model.alphas_cumprod.dtype == torch.float64
-    assert torch.equal(model.alphas_cumprod, torch.cumprod(1 - ddpm.linear_betas(100), 0))  # not float32 widened
+    # not float32 widened
+    assert torch.equal(model.alphas_cumprod, torch.cumprod(1 - ddpm.linear_betas(100), 0))
     torch.set_default_dtype(torch.float64)
-    reference = ddpm.Diffusion(copy.deepcopy(model.net), "toy", T=100, variance="posterior")  # built in float64
+    # built in float64
+    reference = ddpm.Diffusion(copy.deepcopy(model.net), "toy", T=100, variance="posterior")
     torch.set_default_dtype(torch.float32)
     for name in ("betas", "alphas", "alphas_cumprod", "posterior_var", "sigma2"):
         assert torch.equal(getattr(model, name), getattr(reference, name)), name
@@ -370,7 +390,8 @@ def test_a_float64_model_samples_and_bounds_in_float64_with_the_exact_schedule()
     torch.manual_seed(1)
     expected = ddpm.nll_bound(reference, x0, num_t=0)
     for key, value in parts.items():
-        assert value.dtype == torch.float64 and torch.allclose(value, expected[key], rtol=1e-12, atol=1e-12), key
+        assert value.dtype == torch.float64 and torch.allclose(value, expected[key],
+                                                               rtol=1e-12, atol=1e-12), key
     images = small_unet_diffusion(T=20)  # the U-Net too (built in float32 here), and back to float32
     x, _ = ddpm.sample(images.double(), 2, (1, 8, 8), "ddim", 3)
     assert x.dtype == torch.float64
@@ -399,10 +420,11 @@ def test_channels_last_gives_the_same_loss_and_gradients():
 @needs_mnist
 def test_channels_last_run_trains_with_nhwc_weights(tmp_path):
     torch.set_default_dtype(torch.float32)
-    args = dataclasses.replace(ddpm.Args(), dataset="mnist", data_dir=data_dir(), channels=32, channel_mult=(1, 2),
-                               num_res_blocks=1, steps=3, batch_size=8, warmup=1, eval_n=4, eval_t=2, eval_every=100,
-                               sampler="ddim", sample_steps=2, log_every=1, ckpt_every=100, device="cpu",
-                               channels_last=True, out=str(tmp_path / "run"))
+    args = dataclasses.replace(ddpm.Args(), dataset="mnist", data_dir=data_dir(), channels=32,
+                               channel_mult=(1, 2), num_res_blocks=1, steps=3, batch_size=8, warmup=1,
+                               eval_n=4, eval_t=2, eval_every=100, sampler="ddim", sample_steps=2,
+                               log_every=1, ckpt_every=100, device="cpu", channels_last=True,
+                               out=str(tmp_path / "run"))
     assert "nll_bpd" in ddpm.train(args)
     ckpt = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     for part in ("model", "ema"):
@@ -419,7 +441,8 @@ def run_ddpm(*flags, timeout=300):
 def test_help_lists_options_with_defaults():
     result = run_ddpm("--help")
     assert result.returncode == 0
-    for text in ("--schedule", "--variance", "--sampler", "--eval-t", "--ema-decay", "--fid", "--quick", "0.9999"):
+    for text in ("--schedule", "--variance", "--sampler", "--eval-t", "--ema-decay", "--fid",
+                 "--quick", "0.9999"):
         assert text in result.stdout
 
 
@@ -432,11 +455,13 @@ def test_help_lists_the_gpu_options():
 
 def test_quick_toy_writes_pictures_metrics_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
-    flags = ("--quick", "--dataset", "8gaussians", "--eval-n", "200", "--eval-t", "10", "--sample-steps", "10")
+    flags = ("--quick", "--dataset", "8gaussians", "--eval-n", "200", "--eval-t", "10",
+             "--sample-steps", "10")
     result = run_ddpm(*flags, "--steps", "60", "--out", str(out))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("eval test nll_nats=") and "kl_data_model=" in last and last.endswith("strata of t)")
+    assert (last.startswith("eval test nll_nats=") and "kl_data_model=" in last
+            and last.endswith("strata of t)"))
     for name in ("samples.png", "data.png", "reverse.png", "checkpoint.pt", "config.json", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0
     ckpt = common.load_checkpoint(out / "checkpoint.pt")
@@ -451,8 +476,8 @@ def test_quick_toy_writes_pictures_metrics_checkpoint_and_resumes(tmp_path):
 @needs_mnist
 def test_quick_mnist_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = run_ddpm("--quick", "--dataset", "mnist", "--steps", "10", "--batch-size", "16", "--eval-n", "20",
-                      "--eval-t", "5", "--sample-steps", "5", "--out", str(out))
+    result = run_ddpm("--quick", "--dataset", "mnist", "--steps", "10", "--batch-size", "16",
+                      "--eval-n", "20", "--eval-t", "5", "--sample-steps", "5", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("eval test nll_bpd=")
     for name in ("samples.png", "reverse.png", "checkpoint.pt", "metrics.jsonl"):
@@ -461,8 +486,9 @@ def test_quick_mnist_runs_end_to_end(tmp_path):
 
 def test_resume_is_exact_including_the_ema(tmp_path):
     torch.set_default_dtype(torch.float32)
-    base = dataclasses.replace(ddpm.Args(), dataset="two_moons", hidden=32, steps=20, warmup=5, eval_n=50, eval_t=5,
-                               log_every=5, ckpt_every=100, eval_every=12, sampler="ddim", sample_steps=5, device="cpu")
+    base = dataclasses.replace(ddpm.Args(), dataset="two_moons", hidden=32, steps=20, warmup=5, eval_n=50,
+                               eval_t=5, log_every=5, ckpt_every=100, eval_every=12, sampler="ddim",
+                               sample_steps=5, device="cpu")
     ddpm.train(dataclasses.replace(base, out=str(tmp_path / "straight")))
     ddpm.train(dataclasses.replace(base, steps=10, out=str(tmp_path / "split")))
     ddpm.train(dataclasses.replace(base, out=str(tmp_path / "split"), resume=True))

@@ -1,5 +1,5 @@
-"""ebm_jem.py: the EBM and JEM identities in float64 (grad log Z, SGLD's stationary law, logit shifts, the replay
-buffer, AUROC, ECE, the grid normalizer, composition), networks and shapes."""
+"""ebm_jem.py: the EBM and JEM identities in float64 (grad log Z, SGLD's stationary law, logit shifts, the
+replay buffer, AUROC, ECE, the grid normalizer, composition), networks and shapes."""
 
 import math
 
@@ -11,7 +11,7 @@ import ebm_jem
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
-# -- the lecture's identity: grad_theta log Z = -E_p[grad_theta E] -----------------------------------------------
+# -- the lecture's identity: grad_theta log Z = -E_p[grad_theta E] -------------------------------------------
 def quartic_energy(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """A small parametric energy with an integrable, bimodal exp(-E) on the real line."""
     a, b, c = theta
@@ -31,7 +31,8 @@ def test_grad_log_z_equals_minus_expected_energy_gradient_by_quadrature():
     theta = torch.tensor(THETA, requires_grad=True)
     log_z = torch.logsumexp(-quartic_energy(x, theta) + w.log(), 0)
     (grad_log_z,) = torch.autograd.grad(log_z, theta)
-    # -E_p[grad_theta E] with p = exp(-E) / Z, by the same quadrature; grad_theta E = (x^2, x^4, x) in closed form
+    # -E_p[grad_theta E] with p = exp(-E) / Z, by the same quadrature; grad_theta E = (x^2, x^4, x)
+    # in closed form
     p = torch.exp(-quartic_energy(x, torch.tensor(THETA)) - log_z.detach()) * w
     expected = -torch.stack([(p * x**2).sum(), (p * x**4).sum(), (p * x).sum()])
     assert abs(p.sum().item() - 1) < 1e-12
@@ -58,7 +59,8 @@ def test_contrastive_loss_gradient_with_exact_model_samples_is_the_nll_gradient(
     dx = grid[1] - grid[0]
     p = torch.softmax(-quartic_energy(grid, theta0), 0)
     n = 400_000
-    x_minus = grid[torch.multinomial(p, n, replacement=True, generator=g)] + (torch.rand(n, generator=g) - 0.5) * dx
+    x_minus = (grid[torch.multinomial(p, n, replacement=True, generator=g)]
+               + (torch.rand(n, generator=g) - 0.5) * dx)
     x_plus = torch.randn(5000, generator=g) * 0.7 + 0.5  # any "data"
     theta = theta0.clone().requires_grad_(True)
     loss, _ = ebm_jem.contrastive_loss(quartic_energy(x_plus, theta), quartic_energy(x_minus, theta), 0.0)
@@ -83,7 +85,7 @@ def test_energy_penalty_is_alpha_times_mean_squares():
     assert metrics["max_abs_e"].item() == math.inf  # the divergence guard sees NaN as exploded
 
 
-# -- SGLD ------------------------------------------------------------------------------------------------------
+# -- SGLD ----------------------------------------------------------------------------------------------------
 def test_sgld_on_a_gaussian_energy_reaches_its_mean_and_covariance():
     torch.manual_seed(0)
     mean = torch.tensor([1.0, -2.0])
@@ -119,7 +121,7 @@ def test_sgld_clamps_and_leaves_parameters_without_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
-# -- JEM: logits as energies ----------------------------------------------------------------------------------
+# -- JEM: logits as energies ---------------------------------------------------------------------------------
 def test_shifting_logits_leaves_p_y_given_x_and_shifts_log_px_by_the_constant():
     torch.manual_seed(0)
     model = ebm_jem.EnergyModel((1, 8, 8), "jem", "conv", hidden=32)
@@ -171,7 +173,7 @@ def test_buffer_is_checkpointed_state():
     assert buffer.x.min() >= -1 and buffer.x.max() <= 1
 
 
-# -- evaluation -----------------------------------------------------------------------------------------------
+# -- evaluation ----------------------------------------------------------------------------------------------
 def brute_force_auroc(pos, neg):
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos.tolist() for b in neg.tolist())
     return wins / (len(pos) * len(neg))
@@ -184,7 +186,8 @@ def test_auroc_by_ranks_equals_the_pair_count(seed):
     neg = torch.randint(0, 10, (23,), generator=g).double()
     assert math.isclose(ebm_jem.auroc(pos, neg), brute_force_auroc(pos, neg), abs_tol=1e-12)
     cont_pos, cont_neg = torch.randn(50, generator=g) + 1, torch.randn(41, generator=g)
-    assert math.isclose(ebm_jem.auroc(cont_pos, cont_neg), brute_force_auroc(cont_pos, cont_neg), abs_tol=1e-12)
+    assert math.isclose(ebm_jem.auroc(cont_pos, cont_neg),
+                        brute_force_auroc(cont_pos, cont_neg), abs_tol=1e-12)
 
 
 def test_auroc_is_exact_for_large_sets_under_float32_defaults():
@@ -193,8 +196,8 @@ def test_auroc_is_exact_for_large_sets_under_float32_defaults():
     pos, neg = torch.rand(10_000, generator=g) + 1, torch.rand(10_000, generator=g)
     assert ebm_jem.auroc(pos, neg) == 1.0 and ebm_jem.auroc(neg, pos) == 0.0
     both = torch.rand(10_000, generator=g)
-    expected = ((both[:, None] > both[None, :5000]).double().sum() + 0.5 * (both[:, None] == both[None, :5000])
-                .double().sum()) / (10_000 * 5000)
+    expected = ((both[:, None] > both[None, :5000]).double().sum()
+                + 0.5 * (both[:, None] == both[None, :5000]).double().sum()) / (10_000 * 5000)
     assert abs(ebm_jem.auroc(both, both[:5000]) - expected.item()) < 1e-12
 
 
@@ -241,7 +244,7 @@ def test_grid_points_match_histogram_orientation():
     assert points[0].tolist() == [-1.5, 1.5] and points[-1].tolist() == [1.5, -1.5]  # top-left, bottom-right
 
 
-# -- composition ----------------------------------------------------------------------------------------------
+# -- composition ---------------------------------------------------------------------------------------------
 def test_sum_of_two_gaussian_energies_samples_their_product():
     """exp(-E1 - E2) for N(m1, s1^2) and N(m2, s2^2) experts is N(m, s^2) with 1/s^2 = 1/s1^2 + 1/s2^2 and
     m = s^2 (m1/s1^2 + m2/s2^2): SGLD on the composed energy finds it."""
@@ -260,7 +263,7 @@ def test_constraint_energy_is_zero_on_the_upper_half_plane():
     torch.testing.assert_close(ebm_jem.constraint_energy(x, 10.0), torch.tensor([0.0, 0.0, 2.5]))
 
 
-# -- networks --------------------------------------------------------------------------------------------------
+# -- networks ------------------------------------------------------------------------------------------------
 # conv, 16-32-64-64 channels: 160 + 8,224 + 32,832 + 36,928, then 1024 x out + out (10,250 or 1,025)
 # mlp: in x 128 + 128, two 128 x 128 + 128 (33,024), then 128 x out + out
 @pytest.mark.parametrize("model, arch, shape, count", [

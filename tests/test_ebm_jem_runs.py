@@ -11,7 +11,8 @@ import common
 import ebm_jem
 
 TOY = ["--model", "ebm", "--dataset", "8gaussians", "--arch", "mlp", "--hidden", "32", "--batch-size", "64",
-       "--lr", "1e-3", "--energy-reg", "0.01", "--sgld-step", "0.01", "--sgld-noise", "0.1", "--data-noise", "0"]
+       "--lr", "1e-3", "--energy-reg", "0.01", "--sgld-step", "0.01", "--sgld-noise", "0.1",
+       "--data-noise", "0"]
 
 
 def run(*flags, timeout=300):
@@ -21,8 +22,8 @@ def run(*flags, timeout=300):
 def test_help_lists_every_option_with_its_default():
     result = run("--help")
     assert result.returncode == 0, result.stderr
-    for text in ("--sgld-step", "(default: 50.0)", "--reinit", "(default: 0.05)", "--buffer-size", "--max-energy",
-                 "--compose", "--spectral-norm", "--model {jem,ebm}"):
+    for text in ("--sgld-step", "(default: 50.0)", "--reinit", "(default: 0.05)", "--buffer-size",
+                 "--max-energy", "--compose", "--spectral-norm", "--model {jem,ebm}"):
         assert text in result.stdout, text
 
 
@@ -63,8 +64,8 @@ def test_mnist_jem_quick_reports_accuracy_calibration_ood_and_samples(tmp_path):
 
 @needs_mnist
 def test_mnist_ebm_with_spectral_norm_runs(tmp_path):
-    result = run("--quick", "--model", "ebm", "--arch", "mlp", "--spectral-norm", "--steps", "4", "--eval-n", "100",
-                 "--sample-steps", "2", "--ood", "noise", "--out", str(tmp_path / "run"))
+    result = run("--quick", "--model", "ebm", "--arch", "mlp", "--spectral-norm", "--steps", "4",
+                 "--eval-n", "100", "--sample-steps", "2", "--ood", "noise", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("eval test auroc_noise=") and "accuracy" not in last

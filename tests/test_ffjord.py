@@ -1,8 +1,8 @@
 """ffjord.py: the instantaneous change of variables against a linear field whose flow and log-determinant are
 closed form, Hutchinson's estimator against exact traces (all Rademacher probes enumerated), round trips, the
 multiscale log-determinant against autograd, the regularizers against quadrature, adjoint against direct
-gradients, the integration time and the samples in the model's dtype, a trained 2D density integrating to 1, and
-end-to-end runs."""
+gradients, the integration time and the samples in the model's dtype, a trained 2D density integrating to 1,
+and end-to-end runs."""
 
 import itertools
 import json
@@ -45,7 +45,7 @@ def linear_cnf(A: torch.Tensor, T: float, tol: float = 1e-10) -> ffjord.CNF:
     return ffjord.CNF(LinearField(A), time_length=T, rtol=tol, atol=tol).double()
 
 
-# ---------------------------------------------------------------------------------------- the change of variables
+# ------------------------------------------------------------------------------------ the change of variables
 def test_linear_field_flow_and_log_density_match_closed_form():
     A, T = random_matrix(3), 0.7
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
@@ -143,7 +143,7 @@ def test_exact_divergence_equals_the_trace_of_the_autograd_jacobian():
         assert abs(div[i].item() - torch.trace(J).item()) < 1e-12
 
 
-# ---------------------------------------------------------------------------------------- round trips, log-dets
+# -------------------------------------------------------------------------------------- round trips, log-dets
 def test_forward_then_inverse_returns_the_input():
     torch.manual_seed(0)
     model = ffjord.FFJORD((2,), hidden=(32, 32), nonlinearity="tanh", blocks=2, rtol=1e-9, atol=1e-9).double()
@@ -183,7 +183,8 @@ def test_logit_transform_log_det_and_inverse():
     x = torch.rand(3, 6)
     y, log_det = ffjord.logit_transform(x, 1e-6)
     for i in range(3):
-        J = torch.autograd.functional.jacobian(lambda v: ffjord.logit_transform(v, 1e-6)[0], x[i : i + 1])[0, :, 0]
+        J = torch.autograd.functional.jacobian(lambda v: ffjord.logit_transform(v, 1e-6)[0],
+                                               x[i : i + 1])[0, :, 0]
         assert abs(log_det[i].item() - torch.linalg.slogdet(J)[1].item()) < 1e-9
     assert torch.allclose(ffjord.logit_inverse(y, 1e-6), x, atol=1e-12)
 
@@ -197,7 +198,7 @@ def test_squeeze_moves_each_2x2_block_into_channels():
     assert torch.equal(ffjord.unsqueeze(s), x)
 
 
-# ---------------------------------------------------------------------------------------- regularizers, gradients
+# ------------------------------------------------------------------------------------ regularizers, gradients
 def test_regularizers_match_quadrature_and_the_frobenius_norm():
     A, T = random_matrix(3, seed=5), 0.6
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
@@ -265,7 +266,8 @@ def run_ffjord(*flags, timeout=300):
 
 
 # --quick on a toy, at the image preset's small sizes (the toy preset trains 1200 steps of a 64-64-64 network)
-SMALL = ("--quick", "--steps", "150", "--hidden", "32", "32", "--lr", "5e-3", "--log-every", "50", "--ckpt-every", "150")
+SMALL = ("--quick", "--steps", "150", "--hidden", "32", "32", "--lr", "5e-3", "--log-every", "50",
+         "--ckpt-every", "150")
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +317,8 @@ def test_trained_density_integrates_to_one_and_beats_the_base(quick_run):
 
 @pytest.mark.slow
 def test_samples_follow_the_model_density(quick_run):
-    """The sampler (the ODE solved backwards) against the density (solved forwards): chi-square on 16 x 16 bins."""
+    """The sampler (the ODE solved backwards) against the density (solved forwards): chi-square
+    on 16 x 16 bins."""
     out, result = quick_run
     assert result.returncode == 0, result.stderr
     ckpt = common.load_checkpoint(out / "checkpoint.pt")
@@ -339,7 +342,8 @@ def test_density_grid_lines_up_with_the_sample_histogram():
     points = ffjord.grid_points(50, 3.0)
     counts = common.histogram_2d(points, 50, 3.0)
     assert torch.equal(counts, torch.ones(50, 50))
-    assert torch.equal(common.histogram_2d(points[:1], 50, 3.0).flatten().nonzero().flatten(), torch.tensor([0]))
+    assert torch.equal(
+        common.histogram_2d(points[:1], 50, 3.0).flatten().nonzero().flatten(), torch.tensor([0]))
 
 
 def test_resume_is_exact(tmp_path):
@@ -357,7 +361,8 @@ def test_resume_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--adjoint", "--kinetic", "0.01", "--jacobian", "0.01", "--noise", "gaussian", "--dataset", "checkerboard"],
+    ["--adjoint", "--kinetic", "0.01", "--jacobian", "0.01", "--noise", "gaussian",
+     "--dataset", "checkerboard"],
     ["--solver", "rk4", "--step-size", "0.5", "--exact-trace", "--blocks", "2", "--dataset", "two_moons"],
 ])
 def test_options_run_end_to_end(tmp_path, flags):
@@ -377,8 +382,8 @@ def test_options_run_end_to_end(tmp_path, flags):
 def test_multiscale_mnist_runs_end_to_end_in_bits_per_dim(tmp_path):
     out = tmp_path / "run"
     result = run_ffjord("--dataset", "mnist", "--hidden", "8", "--steps", "2",
-                        "--batch-size", "8", "--eval-n", "8", "--rtol", "1e-2", "--atol", "1e-2", "--log-every",
-                        "1", "--out", str(out))
+                        "--batch-size", "8", "--eval-n", "8", "--rtol", "1e-2", "--atol", "1e-2",
+                        "--log-every", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("eval test nll_bpd=") and "hutchinson" in last

@@ -1,7 +1,7 @@
 """flows.py: every layer's log-det against slogdet of the autograd Jacobian, round trips, the invertibility
-constraints, MADE's triangular Jacobian, Glow's 1x1 conv log-det, couplings of odd dimension, the Russian-roulette
-estimator and its Neumann gradient against the exact values, amortized VAE posteriors, samplers in the model's
-dtype, and a trained 2D density's mass."""
+constraints, MADE's triangular Jacobian, Glow's 1x1 conv log-det, couplings of odd dimension, the
+Russian-roulette estimator and its Neumann gradient against the exact values, amortized VAE posteriors,
+samplers in the model's dtype, and a trained 2D density's mass."""
 
 import math
 
@@ -38,7 +38,8 @@ def randomize(layer: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torc
 
 
 def per_example_logdet(fn, x: torch.Tensor) -> torch.Tensor:
-    """log|det d fn(x_b) / d x_b| for each example, from the full autograd Jacobian of one example at a time."""
+    """log|det d fn(x_b) / d x_b| for each example, from the full autograd Jacobian of one example
+    at a time."""
     out = []
     for xb in x:
         jac = jacobian(lambda v: fn(v[None])[0].flatten(), xb)  # (D_out, *x shape)
@@ -69,7 +70,8 @@ def vector_layers():
         "radial": flows.Radial(d),
         "residual": flows.ResidualBlock(d, h),
         "flow_of_maf_and_realnvp": flows.Flow([flows.MAF(d, h), flows.Reverse(),
-                                               flows.Coupling(flows.alternating_mask(d, 0), flows.mlp([d, h, 2 * d]))],
+                                               flows.Coupling(flows.alternating_mask(d, 0),
+                                                              flows.mlp([d, h, 2 * d]))],
                                               (d,)),
     }
 
@@ -116,14 +118,15 @@ def test_log_det_equals_slogdet_of_jacobian_and_round_trip(name, kind):
     # inverse: log|det dx/dz| from its own Jacobian (the closed-form map of planar, radial and IAF); with a
     # numerical inverse the sum-to-zero check above ties it to the forward log-det
     if name not in NUMERIC_INVERSE:
-        assert torch.allclose(log_det_inv, per_example_logdet(lambda v: layer.inverse(v)[0], z), atol=1e-6), name
+        assert torch.allclose(log_det_inv,
+                              per_example_logdet(lambda v: layer.inverse(v)[0], z), atol=1e-6), name
 
 
 @pytest.mark.parametrize("dim", [3, 5])
 @pytest.mark.parametrize("kind", ["nice", "realnvp", "glow"])
 def test_couplings_of_odd_dimension_are_bijections_with_the_jacobian_log_det(kind, dim):
-    """Odd D: Glow's coupling conditions on the first floor(D/2) coordinates and transforms the other ceil(D/2)
-    (x.chunk(2) used to hand its net ceil(D/2) inputs); NICE and RealNVP alternate their masks."""
+    """Odd D: Glow's coupling conditions on the first floor(D/2) coordinates and transforms the other
+    ceil(D/2) (x.chunk(2) used to hand its net ceil(D/2) inputs); NICE and RealNVP alternate their masks."""
     flow = randomize(flows.toy_flow(kind, dim, 3, 16))
     x = make_input(kind, (dim,))
     z, log_det = flow(x)
@@ -132,7 +135,8 @@ def test_couplings_of_odd_dimension_are_bijections_with_the_jacobian_log_det(kin
     x_back, log_det_inv = flow.inverse(z)
     assert torch.allclose(x_back, x, rtol=0, atol=1e-12), kind  # exact up to rounding
     assert torch.allclose(log_det + log_det_inv, torch.zeros(3), rtol=0, atol=1e-12), kind
-    assert torch.allclose(log_det_inv, per_example_logdet(lambda v: flow.inverse(v)[0], z), rtol=0, atol=1e-10)
+    assert torch.allclose(log_det_inv,
+                          per_example_logdet(lambda v: flow.inverse(v)[0], z), rtol=0, atol=1e-10)
     if kind == "glow":  # every coupling of the flow transformed ceil(D/2) coordinates, and left floor(D/2)
         coupling = flow.layers[2]
         moved = coupling(x)[0] != x
@@ -178,7 +182,8 @@ def test_planar_constraint_keeps_every_layer_invertible():
     z = 4 * torch.randn(2000, d, generator=g)
     for trial in range(20):
         w = torch.randn(d, generator=g)
-        u = -(3 + 5 * torch.rand(1, generator=g)) * w / w.norm() ** 2  # w^T u <= -3: f would not be invertible
+        # w^T u <= -3: f would not be invertible
+        u = -(3 + 5 * torch.rand(1, generator=g)) * w / w.norm() ** 2
         u_hat = flows.planar_constrained_u(u, w)
         assert (w @ u) < -1 and (w @ u_hat) >= -1 - 1e-12
         f, log_det = flows.planar_map(z, u, w, torch.randn(1, generator=g))
@@ -357,7 +362,8 @@ def test_importance_sampled_log_px_matches_quadrature_in_one_latent_dimension(ki
 def test_energies_match_table_1_at_known_points():
     z = torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
     # U1 at (2, 0): ring term 0, -log(exp(0) + exp(-1/2 (4 / 0.6)^2))
-    assert torch.allclose(flows.energy("u1", z)[0], -torch.log(1 + torch.exp(torch.tensor(-0.5 * (4 / 0.6) ** 2))))
+    assert torch.allclose(flows.energy("u1", z)[0],
+                          -torch.log(1 + torch.exp(torch.tensor(-0.5 * (4 / 0.6) ** 2))))
     assert torch.allclose(flows.energy("u2", z)[2], torch.tensor(0.0), atol=1e-12)  # z2 = sin(pi/2) = 1
     w2 = 3.0
     expected = -torch.logaddexp(torch.tensor(0.0), torch.tensor(-0.5 * (w2 / 0.35) ** 2))
@@ -370,7 +376,8 @@ def test_energies_match_table_1_at_known_points():
 def test_energies_are_normalizable_with_the_wall():
     # log Z on [-6, 6]^2 at two resolutions agree, and almost no mass lies beyond |z1| = 4.5
     for name in ("u1", "u2", "u3", "u4"):
-        log_z = [torch.logsumexp(-flows.energy(name, flows.grid_points(n, 6.0, "cpu")), 0) + 2 * math.log(12 / n)
+        log_z = [torch.logsumexp(-flows.energy(name, flows.grid_points(n, 6.0, "cpu")), 0)
+                 + 2 * math.log(12 / n)
                  for n in (300, 600)]
         assert abs(log_z[0] - log_z[1]) < 1e-3, name
         inside = flows.grid_points(600, 6.0, "cpu")
@@ -421,7 +428,8 @@ def test_each_task_loss_is_its_negative_log_likelihood_or_free_energy():
     torch.manual_seed(1)
     loss, _ = flows.image_loss(images, x8)
     torch.manual_seed(1)
-    expected = -images.log_prob(common.uniform_dequantize(x8)).mean() / 16 / math.log(2) + 8  # + log2(256) bits
+    # + log2(256) bits
+    expected = -images.log_prob(common.uniform_dequantize(x8)).mean() / 16 / math.log(2) + 8
     assert torch.allclose(loss, expected)
 
     planar = flows.energy_flow("planar", 4).double()

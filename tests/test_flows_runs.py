@@ -26,11 +26,13 @@ def test_help_lists_every_option_with_its_default():
 
 def test_quick_density_writes_pictures_metrics_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
-    small = ("--quick", "--hidden", "32", "--flow-length", "4", "--eval-n", "1000")  # the toy preset's flow is larger
+    # the toy preset's flow is larger
+    small = ("--quick", "--hidden", "32", "--flow-length", "4", "--eval-n", "1000")
     result = run_flows(*small, "--steps", "60", "--out", str(out))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("eval test nll_nats=") and "kl_data_model=" in last and last.endswith("test points)")
+    assert (last.startswith("eval test nll_nats=") and "kl_data_model=" in last
+            and last.endswith("test points)"))
     for name in ("samples.png", "density.png", "data.png", "checkpoint.pt", "config.json", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -106,8 +108,8 @@ CASES = [("density", f, "8gaussians") for f in flows.TOY_FLOWS] + \
 def test_every_flow_of_every_task_trains_and_evaluates(tmp_path, task, flow, dataset):
     if dataset in ("mnist", "binarized_mnist") and data_dir() is None:
         pytest.skip("MNIST files not found")
-    args = flows.Args(task=task, flow=flow, dataset=dataset, steps=3, flow_length=2, hidden=8, depth=1, width=4,
-                      batch_size=16, eval_n=40, eval_k=3, log_every=1, device="cpu", quick=True,
+    args = flows.Args(task=task, flow=flow, dataset=dataset, steps=3, flow_length=2, hidden=8, depth=1,
+                      width=4, batch_size=16, eval_n=40, eval_k=3, log_every=1, device="cpu", quick=True,
                       data_dir=data_dir() or "", out=str(tmp_path / "run"))
     metrics = flows.train(args)
     assert metrics and all(isinstance(v, float) and v == v for v in metrics.values()), metrics  # no NaN

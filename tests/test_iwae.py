@@ -161,7 +161,7 @@ def test_dreg_decoder_gradient_is_the_iwae_one_and_encoder_gradients_agree_in_ex
     assert (wrong.mean(0).abs() > 6 * se_wrong).any()  # while dropping one w~ factor is detectably biased
 
 
-# ---------------------------------------------------------------------------------------------- schedule, shapes
+# ------------------------------------------------------------------------------------------- schedule, shapes
 def test_paper_schedule_runs_3_to_the_i_epochs_at_each_learning_rate():
     assert iwae.PAPER_EPOCHS == 3280
     rates = [iwae.paper_lr(epoch) for epoch in range(iwae.PAPER_EPOCHS)]
@@ -213,8 +213,9 @@ def test_quick_writes_samples_metrics_checkpoint_and_resumes(tmp_path):
 @pytest.mark.skipif(data_dir() is None, reason="MNIST files not found under $DATA_DIR or ./data")
 def test_two_layers_dreg_and_the_paper_schedule_run_end_to_end(tmp_path):
     torch.set_default_dtype(torch.float32)  # as trained; the fixture restores the default afterwards
-    args = iwae.Args(layers=2, k=3, dreg=True, schedule="paper", steps=10, batch_size=20, eval_n=20, eval_k=10,
-                     log_every=5, ckpt_every=100, device="cpu", data_dir=data_dir(), out=str(tmp_path / "run"))
+    args = iwae.Args(layers=2, k=3, dreg=True, schedule="paper", steps=10, batch_size=20, eval_n=20,
+                     eval_k=10, log_every=5, ckpt_every=100, device="cpu", data_dir=data_dir(),
+                     out=str(tmp_path / "run"))
     metrics = iwae.train(args)
     assert math.isfinite(metrics["nll_nats"]) and metrics["nll_nats"] <= metrics["nelbo_nats"] + 1e-6
     assert "active_units_h2" in metrics

@@ -1,7 +1,8 @@
-"""ncsn_sde.py: the score-matching identities on Gaussian data (by Gauss-Hermite quadrature), NCSN's ladder and
-annealed Langevin dynamics on the paper's two-mode mixture, the SDEs' kernels against their moment equations and
-simulation, their discretizations against NCSN's and DDPM's chains, the samplers and the probability-flow
-likelihood with the exact score of Gaussian data, Hutchinson's estimator, and the losses and networks."""
+"""ncsn_sde.py: the score-matching identities on Gaussian data (by Gauss-Hermite quadrature), NCSN's ladder
+and annealed Langevin dynamics on the paper's two-mode mixture, the SDEs' kernels against their moment
+equations and simulation, their discretizations against NCSN's and DDPM's chains, the samplers and the
+probability-flow likelihood with the exact score of Gaussian data, Hutchinson's estimator, and the losses and
+networks."""
 
 import dataclasses
 import itertools
@@ -45,7 +46,7 @@ def random_models() -> list:
     return [lambda x: x @ A.T + b, *mlps, lambda x: gaussian_score(x, M, C)]
 
 
-# ---------------------------------------------------------------------------------------------- score matching
+# --------------------------------------------------------------------------------------------- score matching
 def test_implicit_minus_explicit_score_matching_is_the_same_constant_for_every_model():
     # Hyvarinen 2005, Theorem 1: J_ISM(theta) = J_ESM(theta) - 1/2 E||grad log p||^2, and E||grad log p||^2 =
     # tr(C^-1) for Gaussian data. The expectations by 30-point Gauss-Hermite quadrature (smooth integrands).
@@ -78,9 +79,10 @@ def test_sliced_score_matching_is_unbiased_for_implicit_score_matching():
 
 
 def test_denoising_minimizer_is_the_score_of_the_perturbed_distribution():
-    # Vincent 2011: for x ~ N(M, C), x~ = x + sigma z, the minimizer of E 1/2 ||s(x~) + (x~ - x) / sigma^2||^2 is
-    # grad log q_sigma(x~) = -(C + sigma^2 I)^-1 (x~ - M). A linear s makes the integrand quadratic: 4D Gauss-Hermite
-    # with 3 nodes per axis is exact, so the gradient at the analytic minimizer vanishes to rounding.
+    # Vincent 2011: for x ~ N(M, C), x~ = x + sigma z, the minimizer of E 1/2 ||s(x~) + (x~ - x) / sigma^2||^2
+    # is grad log q_sigma(x~) = -(C + sigma^2 I)^-1 (x~ - M). A linear s makes the integrand quadratic: 4D
+    # Gauss-Hermite with 3 nodes per axis is exact, so the gradient at the analytic minimizer vanishes
+    # to rounding.
     sigma = 0.7
     xz, w = gauss_hermite(torch.zeros(4), torch.eye(4), 3)
     x = M + xz[:, :2] @ torch.linalg.cholesky(C).T
@@ -120,7 +122,8 @@ def test_denoising_minus_explicit_on_the_perturbed_data_is_the_same_constant():
 
 
 class FixedNet(nn.Module):
-    """net(x, t) = tanh(x W) (1 + t): anything that depends on both, with a parameter so that .parameters() works."""
+    """net(x, t) = tanh(x W) (1 + t): anything that depends on both, with a parameter so that
+    .parameters() works."""
 
     def __init__(self, d: int = 2):
         super().__init__()
@@ -146,7 +149,8 @@ def test_training_losses_are_the_weighted_objectives(method, sde_name):
         if method == "ncsn":
             t = model.level_t[torch.randint(10, (64,))]
             mean, std = x, sde.sigma(t)
-            assert torch.allclose(sde.sigma(t), sigmas[torch.round((1 - t) * 9).long()])  # level i sits at sigma_i
+            # level i sits at sigma_i
+            assert torch.allclose(sde.sigma(t), sigmas[torch.round((1 - t) * 9).long()])
         else:
             t = torch.rand(64) * (1 - ncsn_sde.T_EPS) + ncsn_sde.T_EPS
             mean, std = sde.marginal_prob(x, t)
@@ -182,7 +186,8 @@ MIX_MU = torch.tensor([[-5.0, -5.0], [5.0, 5.0]], dtype=torch.float64)
 
 
 def mixture_score(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Score of 0.2 N((-5, -5), I) + 0.8 N((5, 5), I) convolved with N(0, sigma^2 I) (Song & Ermon 2019, Sec. 3.2)."""
+    """Score of 0.2 N((-5, -5), I) + 0.8 N((5, 5), I) convolved with N(0, sigma^2 I)
+    (Song & Ermon 2019, Sec. 3.2)."""
     var = 1 + sigma**2
     log_r = torch.log(MIX_W) - ((x[:, None] - MIX_MU) ** 2).sum(-1) / (2 * var)  # (B, 2)
     r = torch.softmax(log_r, dim=1)
@@ -190,20 +195,24 @@ def mixture_score(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def test_annealed_langevin_recovers_the_mixture_weights_and_plain_langevin_does_not():
-    # Song & Ermon 2019, Sec. 3.2.2 / Fig. 3: from uniform noise plain Langevin dynamics with the exact score keeps
-    # the modes' share of the initial points; annealing over sigma = 20 .. 1 recovers the weights 1/5, 4/5
+    # Song & Ermon 2019, Sec. 3.2.2 / Fig. 3: from uniform noise plain Langevin dynamics with the exact score
+    # keeps the modes' share of the initial points; annealing over sigma = 20 .. 1 recovers the
+    # weights 1/5, 4/5
     torch.manual_seed(5)
     n = 2000
     x0 = torch.rand(n, 2) * 16 - 8
     sigmas = ncsn_sde.ncsn_sigmas(20.0, 1.0, 10)
-    x = ncsn_sde.annealed_langevin(lambda y, i: mixture_score(y, sigmas[i].item()), x0, sigmas, eps=0.1, T=100)
+    x = ncsn_sde.annealed_langevin(lambda y, i: mixture_score(y, sigmas[i].item()), x0,
+                                   sigmas, eps=0.1, T=100)
     share = (x.sum(1) > 0).double().mean().item()
     assert abs(share - 0.8) < 4 * math.sqrt(0.8 * 0.2 / n) + 0.01, share
     # plain Langevin: one level (the data's score, sigma = 0), 500 steps of 0.1
-    plain = ncsn_sde.annealed_langevin(lambda y, i: mixture_score(y, 0.0), x0, torch.tensor([1.0]), eps=0.1, T=500)
+    plain = ncsn_sde.annealed_langevin(lambda y, i: mixture_score(y, 0.0), x0,
+                                       torch.tensor([1.0]), eps=0.1, T=500)
     plain_share = (plain.sum(1) > 0).double().mean().item()
     assert plain_share < 0.6, plain_share
-    # both mix within a mode: the squared distance to the nearest mode averages 2 (1 + sigma^2), sigma = 1 and 0
+    # both mix within a mode: the squared distance to the nearest mode averages 2 (1 + sigma^2),
+    # sigma = 1 and 0
     for samples, sigma in ((x, 1.0), (plain, 0.0)):
         sq = (samples[:, None] - MIX_MU).pow(2).sum(-1).min(1).values.mean().item()
         assert abs(sq / (2 * (1 + sigma**2)) - 1) < 0.1, (sq, sigma)
@@ -217,7 +226,8 @@ SDES = {"ve": lambda N=1000: ncsn_sde.VESDE(0.01, 50.0, N), "vp": lambda N=1000:
 @pytest.mark.parametrize("name", list(SDES))
 def test_perturbation_kernels_solve_the_moment_equations_and_match_simulation(name):
     sde = SDES[name]()
-    # moments of dx = f(t) x dt + g(t) dw: d mean/dt = f(t) mean, d var/dt = 2 f(t) var + g(t)^2 (finite differences)
+    # moments of dx = f(t) x dt + g(t) dw: d mean/dt = f(t) mean, d var/dt = 2 f(t) var + g(t)^2
+    # (finite differences)
     t = torch.linspace(0.05, 0.95, 7)
     h = 1e-5
     x0 = torch.full((7, 1), 1.5)
@@ -243,8 +253,8 @@ def test_perturbation_kernels_solve_the_moment_equations_and_match_simulation(na
 
 
 def test_vp_discretization_is_ddpm_forward_chain():
-    # Song et al. 2021, Sec. 3.4 / Appendix B: with N = 1000, beta_i = (0.1 + 19.9 i / 999) / 1000 = DDPM's linear
-    # 1e-4 .. 0.02, and the chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z has DDPM's marginals
+    # Song et al. 2021, Sec. 3.4 / Appendix B: with N = 1000, beta_i = (0.1 + 19.9 i / 999) / 1000 = DDPM's
+    # linear 1e-4 .. 0.02, and the chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z has DDPM's marginals
     sde = ncsn_sde.VPSDE(0.1, 20.0, 1000)
     ddpm_betas = torch.linspace(1e-4, 0.02, 1000)
     alphas_cumprod = torch.cumprod(1 - ddpm_betas, 0)
@@ -275,8 +285,8 @@ def test_vp_discretization_is_ddpm_forward_chain():
 
 
 def test_ve_discretization_is_ncsn_forward_chain():
-    # Song et al. 2021, Eq. 8: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, sigma_{-1} = 0, has the marginal
-    # N(x_0, sigma_i^2 I) of NCSN's perturbation with its geometric sigmas (here L = N = 10)
+    # Song et al. 2021, Eq. 8: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, sigma_{-1} = 0, has the
+    # marginal N(x_0, sigma_i^2 I) of NCSN's perturbation with its geometric sigmas (here L = N = 10)
     sde = ncsn_sde.VESDE(0.01, 1.0, 10)
     sigmas = ncsn_sde.ncsn_sigmas(1.0, 0.01, 10).flip(0)  # increasing
     t = torch.arange(10) / 9
@@ -298,7 +308,8 @@ def test_ve_discretization_is_ncsn_forward_chain():
 def test_reverse_diffusion_predictor_and_corrector_are_algorithms_2_and_3():
     x = torch.randn(16, 2)
     score = lambda y, t: -y * 0.7 + 0.1  # noqa: E731
-    # VE, Algorithm 2 lines 3-5: x_i' = x + (s_{i+1}^2 - s_i^2) s(x), x_i = x_i' + sqrt(s_{i+1}^2 - s_i^2) z (s = sigma)
+    # VE, Algorithm 2 lines 3-5: x_i' = x + (s_{i+1}^2 - s_i^2) s(x),
+    # x_i = x_i' + sqrt(s_{i+1}^2 - s_i^2) z (s = sigma)
     ve = ncsn_sde.VESDE(0.01, 5.0, 100)
     i = 40
     t = torch.full((16,), i / 99)
@@ -308,14 +319,16 @@ def test_reverse_diffusion_predictor_and_corrector_are_algorithms_2_and_3():
     torch.manual_seed(9)
     mean = x + gap * score(x, t)
     assert torch.allclose(got_mean, mean) and torch.allclose(got, mean + gap.sqrt() * torch.randn_like(x))
-    # VP, Algorithm 3 lines 3-5: x_i' = (2 - sqrt(1 - beta_{i+1})) x + beta_{i+1} s, x_i = x_i' + sqrt(beta_{i+1}) z
+    # VP, Algorithm 3 lines 3-5: x_i' = (2 - sqrt(1 - beta_{i+1})) x + beta_{i+1} s,
+    # x_i = x_i' + sqrt(beta_{i+1}) z
     vp = ncsn_sde.VPSDE(0.1, 20.0, 100)
     beta = (0.1 + i / 99 * 19.9) / 100
     torch.manual_seed(9)
     got, got_mean = ncsn_sde.reverse_diffusion_step(vp, score, x, t)
     torch.manual_seed(9)
     mean = (2 - math.sqrt(1 - beta)) * x + beta * score(x, t)
-    assert torch.allclose(got_mean, mean) and torch.allclose(got, mean + math.sqrt(beta) * torch.randn_like(x))
+    assert (torch.allclose(got_mean, mean)
+            and torch.allclose(got, mean + math.sqrt(beta) * torch.randn_like(x)))
     # corrector, Algorithm 3 lines 6-9: eps = 2 alpha (r ||z|| / ||s||)^2 with alpha = 1 - beta_i
     torch.manual_seed(10)
     got, _ = ncsn_sde.langevin_corrector_step(vp, score, x, t, snr=0.16)
@@ -327,7 +340,8 @@ def test_reverse_diffusion_predictor_and_corrector_are_algorithms_2_and_3():
 
 
 class GaussianScore:
-    """The exact score of p_t for data N(M, C): N(mu_t M, mu_t^2 C + sigma_t^2 I), mu_t and sigma_t of the kernel."""
+    """The exact score of p_t for data N(M, C): N(mu_t M, mu_t^2 C + sigma_t^2 I), mu_t and sigma_t of
+    the kernel."""
 
     def __init__(self, sde, mean=M, cov=C):
         self.sde, self.mean, self.cov = sde, mean, cov
@@ -367,7 +381,8 @@ def test_samplers_with_the_exact_score_recover_the_data_moments(name, sampler):
 
 
 def test_samplers_pass_their_loops_to_progress():
-    """`progress` wraps the predictor-corrector loop (N times) and annealed Langevin's loop over the L levels."""
+    """`progress` wraps the predictor-corrector loop (N times) and annealed Langevin's loop over the
+    L levels."""
     sde = SDES["vp"](7)
     seen = []
     record = lambda steps: seen.append(len(steps)) or steps  # noqa: E731
@@ -380,26 +395,30 @@ def test_samplers_pass_their_loops_to_progress():
 # ---------------------------------------------------------------------------------------------- likelihood
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_probability_flow_likelihood_of_gaussian_data_with_the_exact_score(name):
-    # with the exact score of zero-mean Gaussian data the ODE's log p is the data's log-density: the one gap left
-    # is p_T against the prior, here O(e^{-int beta} |x|^2) for VP (1e-5 nats) and O(C / sigma_max^2) for VE (1e-3)
+    # with the exact score of zero-mean Gaussian data the ODE's log p is the data's log-density: the one gap
+    # left is p_T against the prior, here O(e^{-int beta} |x|^2) for VP (1e-5 nats) and O(C / sigma_max^2)
+    # for VE (1e-3)
     sde = SDES[name]()
     zero = torch.zeros(2)
     torch.manual_seed(12)
     x = torch.randn(20, 2) @ torch.linalg.cholesky(C).T * 1.5
-    log_p, nfe = ncsn_sde.ode_log_likelihood(sde, GaussianScore(sde, zero), x, ncsn_sde.T_EPS, 1e-6, 1e-6, "exact")
+    log_p, nfe = ncsn_sde.ode_log_likelihood(sde, GaussianScore(sde, zero), x, ncsn_sde.T_EPS,
+                                             1e-6, 1e-6, "exact")
     true = torch.distributions.MultivariateNormal(zero, C).log_prob(x)
     assert (log_p - true).abs().max() < (5e-3 if name == "ve" else 1e-3), (log_p - true).abs().max()
     assert nfe > 10
     if name == "vp":
-        # data N(M, C) as in the issue: within 1e-2 nats on average; the residual is p_T's mean e^{-5.0} M, which
-        # the prior N(0, I) ignores (it shifts log p by about e^{-5.0} M . x(T), up to 0.01)
+        # data N(M, C) as in the issue: within 1e-2 nats on average; the residual is p_T's mean e^{-5.0} M,
+        # which the prior N(0, I) ignores (it shifts log p by about e^{-5.0} M . x(T), up to 0.01)
         x_m = M + x / 1.5
-        log_p_m, _ = ncsn_sde.ode_log_likelihood(sde, GaussianScore(sde), x_m, ncsn_sde.T_EPS, 1e-6, 1e-6, "exact")
+        log_p_m, _ = ncsn_sde.ode_log_likelihood(sde, GaussianScore(sde), x_m, ncsn_sde.T_EPS,
+                                                 1e-6, 1e-6, "exact")
         assert (log_p_m - torch.distributions.MultivariateNormal(M, C).log_prob(x_m)).abs().mean() < 1e-2
         # Hutchinson with a fixed probe per solve: the mean over all 4 Rademacher probes is the exact integral
         probes = [torch.tensor(v).expand(20, 2) for v in itertools.product([-1.0, 1.0], repeat=2)]
-        hutch = torch.stack([ncsn_sde.ode_log_likelihood(sde, GaussianScore(sde, zero), x, ncsn_sde.T_EPS, 1e-6,
-                                                         1e-6, "rademacher", probe=v)[0] for v in probes]).mean(0)
+        hutch = torch.stack([ncsn_sde.ode_log_likelihood(sde, GaussianScore(sde, zero), x, ncsn_sde.T_EPS,
+                                                         1e-6, 1e-6, "rademacher", probe=v)[0]
+                             for v in probes]).mean(0)
         assert (hutch - log_p).abs().max() < 1e-4
 
 
@@ -412,7 +431,8 @@ def test_hutchinson_divergence_is_unbiased_and_exact_divergence_is_the_jacobian_
     trace = jac.diagonal(dim1=0, dim2=2).sum(-1)
     assert torch.allclose(ncsn_sde.divergence_exact(f, x, False), trace, atol=1e-12)
     probes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)))
-    mean = torch.stack([ncsn_sde.divergence_hutchinson(f, x, v.expand(10, 3), False)[0] for v in probes]).mean(0)
+    mean = torch.stack(
+        [ncsn_sde.divergence_hutchinson(f, x, v.expand(10, 3), False)[0] for v in probes]).mean(0)
     assert torch.allclose(mean, trace, atol=1e-12)
     for noise in ("rademacher", "gaussian"):
         draws = torch.stack([ncsn_sde.divergence_hutchinson(f, x, ncsn_sde.sample_probe(x, noise), False)[0]
@@ -461,7 +481,8 @@ def test_build_model_embeds_999_t_in_the_unet_and_30_t_in_the_toy_mlp():
     toys = common.Data("fake", "toy", torch.randn(8, 2), None, torch.randn(8, 2), None)
     args = dataclasses.replace(ncsn_sde.Args(), channels=16, channel_mult=(1, 2), num_res_blocks=1, hidden=16)
     t = torch.rand(3)
-    for data, x, scale, dim in [(images, torch.rand(3, 1, 28, 28), 999.0, 16), (toys, torch.randn(3, 2), 30.0, 128)]:
+    for data, x, scale, dim in [(images, torch.rand(3, 1, 28, 28), 999.0, 16),
+                                (toys, torch.randn(3, 2), 30.0, 128)]:
         net, seen = ncsn_sde.build_model(data, args).net, []
         net.time.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
         net(x, t)

@@ -1,5 +1,6 @@
-"""ncsn_sde.py end to end: --help, --quick on a 2D toy (pictures, metrics, checkpoint with EMA, refusal, resume), the
-other methods, objectives and samplers, MNIST in bits/dim, exact resume with the EMA, and one-line errors."""
+"""ncsn_sde.py end to end: --help, --quick on a 2D toy (pictures, metrics, checkpoint with EMA, refusal,
+resume), the other methods, objectives and samplers, MNIST in bits/dim, exact resume with the EMA, and
+one-line errors."""
 
 import dataclasses
 import json
@@ -20,8 +21,8 @@ def run_ncsn_sde(*flags, timeout=300):
 def test_help_lists_options_with_defaults():
     result = run_ncsn_sde("--help")
     assert result.returncode == 0
-    for text in ("--method", "--sde", "--objective", "--sampler", "--snr", "--divergence", "--ema-decay", "0.16",
-                 "--quick"):
+    for text in ("--method", "--sde", "--objective", "--sampler", "--snr", "--divergence", "--ema-decay",
+                 "0.16", "--quick"):
         assert text in result.stdout
 
 
@@ -40,7 +41,8 @@ def test_quick_toy_writes_pictures_metrics_checkpoint_and_resumes(tmp_path):
     assert final["split"] == "test" and final["nfe"] > 0 and final["eval_s"] > 0
     ckpt = common.load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 60 and "ema" in ckpt
-    with pytest.raises(common.RunError, match="already holds a run"):  # in-process: no second interpreter start-up
+    # in-process: no second interpreter start-up
+    with pytest.raises(common.RunError, match="already holds a run"):
         ncsn_sde.train(dataclasses.replace(ncsn_sde.Args(), dataset="8gaussians", device="cpu", out=str(out)))
     resumed = run_ncsn_sde(*flags, "--steps", "80", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -62,15 +64,17 @@ def test_methods_objectives_and_samplers_run_end_to_end(tmp_path, capsys, change
     assert math.isfinite(metrics["nll_nats"])
     assert metrics["kl_data_model"] == metrics["nll_nats"] - common.TOY_ENTROPY["two_moons"]
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("eval test nll_nats=") and ("VE SDE of the NCSN ladder" in last) == (args.method == "ncsn")
+    assert (last.startswith("eval test nll_nats=")
+            and ("VE SDE of the NCSN ladder" in last) == (args.method == "ncsn"))
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
 
 
 @needs_mnist
 def test_quick_mnist_runs_end_to_end_in_bits_per_dim(tmp_path):
     out = tmp_path / "run"
-    result = run_ncsn_sde("--quick", "--dataset", "mnist", "--steps", "10", "--batch-size", "16", "--eval-n", "8",
-                          "--sample-steps", "5", "--rtol", "1e-2", "--atol", "1e-2", "--out", str(out))
+    result = run_ncsn_sde("--quick", "--dataset", "mnist", "--steps", "10", "--batch-size", "16",
+                          "--eval-n", "8", "--sample-steps", "5", "--rtol", "1e-2", "--atol", "1e-2", "--out",
+                          str(out))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("eval test nll_bpd=") and "rademacher divergence" in last
@@ -81,8 +85,8 @@ def test_quick_mnist_runs_end_to_end_in_bits_per_dim(tmp_path):
 def test_resume_is_exact_including_the_ema(tmp_path):
     torch.set_default_dtype(torch.float32)
     base = dataclasses.replace(ncsn_sde.Args(), dataset="two_moons", hidden=32, steps=20, warmup=5, eval_n=50,
-                               log_every=5, ckpt_every=100, eval_every=12, sample_steps=5, rtol=1e-3, atol=1e-3,
-                               grid_bins=10, device="cpu", data_dir=data_dir() or "data")
+                               log_every=5, ckpt_every=100, eval_every=12, sample_steps=5, rtol=1e-3,
+                               atol=1e-3, grid_bins=10, device="cpu", data_dir=data_dir() or "data")
     ncsn_sde.train(dataclasses.replace(base, out=str(tmp_path / "straight")))
     ncsn_sde.train(dataclasses.replace(base, steps=10, out=str(tmp_path / "split")))
     ncsn_sde.train(dataclasses.replace(base, out=str(tmp_path / "split"), resume=True))
@@ -96,6 +100,7 @@ def test_resume_is_exact_including_the_ema(tmp_path):
 
 def test_unsupported_requests_give_one_line_errors(tmp_path):
     with pytest.raises(common.RunError, match="--method ncsn"):
-        ncsn_sde.train(dataclasses.replace(ncsn_sde.Args(), sampler="ald", device="cpu", out=str(tmp_path / "a")))
+        ncsn_sde.train(dataclasses.replace(ncsn_sde.Args(), sampler="ald", device="cpu",
+                                           out=str(tmp_path / "a")))
     result = run_ncsn_sde("--dataset", "binarized_mnist", "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0

@@ -14,9 +14,11 @@ pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def tiny_model(shape=(1, 8, 8), likelihood="bernoulli", seed=0, **kw) -> nvae.NVAE:
-    """Two scales of two groups (4x4 and 2x2 latents after one pre-processing halving), a few thousand weights."""
+    """Two scales of two groups (4x4 and 2x2 latents after one pre-processing halving), a few
+    thousand weights."""
     torch.manual_seed(seed)
-    config = dict(channels=4, pre_blocks=1, scales=2, groups=2, z_channels=2, cells=1, expansion=2, mixtures=3)
+    config = dict(channels=4, pre_blocks=1, scales=2, groups=2, z_channels=2, cells=1,
+                  expansion=2, mixtures=3)
     model = nvae.NVAE(shape, likelihood, **{**config, **kw})
     # move the BN statistics and affine parameters off their identity initialization so the test sees them
     model.train()
@@ -103,8 +105,8 @@ def test_spectral_loss_sums_every_convolution():
 
 # ------------------------------------------------------------------------------------ bounds and estimators
 def test_single_sample_log_weight_averages_to_the_closed_form_elbo():
-    """E_q[log w] with log w = log p(x|z) + sum_l log p(z_l|z_<l) - log q(z_l|x,z_<l) is the ELBO of Eq. 1, whose
-    KL terms are in closed form: the two must agree within Monte Carlo error."""
+    """E_q[log w] with log w = log p(x|z) + sum_l log p(z_l|z_<l) - log q(z_l|x,z_<l) is the ELBO of Eq. 1,
+    whose KL terms are in closed form: the two must agree within Monte Carlo error."""
     model, x = tiny_model(), binary_images(3)
     torch.manual_seed(2)
     s = 1500
@@ -114,8 +116,9 @@ def test_single_sample_log_weight_averages_to_the_closed_form_elbo():
         elbo = torch.stack([torch.tensor(nvae.evaluate(model, x[i : i + 1])["elbo"]) for i in range(3)])
         # closed-form KL, Monte Carlo reconstruction: average the estimator over many draws as well
         params, groups = model.top_down(features)
-        kl = sum(nvae.residual_normal_kl(g["delta_mu"], g["delta_log_sigma"], g["log_sigma_p"]).flatten(1).sum(1)
-                 for g in groups)
+        kl = sum(
+            nvae.residual_normal_kl(g["delta_mu"], g["delta_log_sigma"], g["log_sigma_p"]).flatten(1).sum(1)
+            for g in groups)
         elbo_cf = (model.log_px_given_z(x.repeat(s, 1, 1, 1), params) - kl).view(s, 3)
     se = torch.sqrt(log_w.var(0) / s + elbo_cf.var(0) / s)
     assert torch.all((log_w.mean(0) - elbo_cf.mean(0)).abs() < 4 * se)
@@ -139,7 +142,8 @@ def test_evaluate_reports_consistent_terms():
     model, x = tiny_model(), binary_images(10)
     torch.manual_seed(4)
     m = nvae.evaluate(model, x, k=50, batch_size=4)
-    assert len(m["kl_groups"]) == model.num_groups and math.isclose(sum(m["kl_groups"]), m["kl"], rel_tol=1e-3)
+    assert (len(m["kl_groups"]) == model.num_groups
+            and math.isclose(sum(m["kl_groups"]), m["kl"], rel_tol=1e-3))
     assert m["kl"] > 0 and m["log_px"] > m["elbo"]
 
 
@@ -172,7 +176,8 @@ def test_prior_does_not_depend_on_x_and_posterior_does():
     zs = [g["z"].detach() for g in groups]
     _, groups = model.top_down(features, zs=zs)
     for g in groups:
-        assert grad_or_zero(g["mu_p"], x).abs().max() == 0 and grad_or_zero(g["log_sigma_p"], x).abs().max() == 0
+        assert (grad_or_zero(g["mu_p"], x).abs().max() == 0
+                and grad_or_zero(g["log_sigma_p"], x).abs().max() == 0)
         assert grad_or_zero(g["delta_mu"], x).abs().max() > 1e-8
 
 
@@ -210,7 +215,8 @@ def test_bn_readjustment_works_on_a_copy():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not adjusted.training
-    for name, m in adjusted.named_modules():  # the generative path's statistics are re-estimated, on 3 batches
+    # the generative path's statistics are re-estimated, on 3 batches
+    for name, m in adjusted.named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             generative = name.startswith(("dec_", "post"))
             tracked = 3 if generative else before[name + ".num_batches_tracked"].item()
@@ -240,7 +246,8 @@ def reference_rgb_mixture(x, params, m):
     """An independent, naive evaluation of the RGB mixture at one pixel: x (N, 3) levels k/255, params (P,).
     Returns the probability of each colour and the marginal probability of each (r, g)."""
     logits, means = params[:m], params[m : 4 * m].view(m, 3)
-    scales, coeffs = params[4 * m : 7 * m].view(m, 3).clamp(min=-7).exp(), torch.tanh(params[7 * m :].view(m, 3))
+    scales, coeffs = (params[4 * m : 7 * m].view(m, 3).clamp(min=-7).exp(),
+                      torch.tanh(params[7 * m :].view(m, 3)))
     y = 2 * x - 1  # (N, 3) in [-1, 1]
 
     def mass(v, mu, s):  # the logistic's mass on the bin of v: CDF differences, open edge bins
@@ -331,7 +338,8 @@ def test_loss_is_the_negative_elbo_after_warm_up_and_balanced_during_it():
 
 
 def test_gradients_reach_every_parameter():
-    model, x = tiny_model(likelihood="discretized_logistic_mixture", shape=(3, 8, 8)), torch.randint(0, 256, (4, 3, 8, 8)).double() / 255
+    model, x = (tiny_model(likelihood="discretized_logistic_mixture", shape=(3, 8, 8)),
+                torch.randint(0, 256, (4, 3, 8, 8)).double() / 255)
     model.train()
     loss, _ = model(x, kl_weight=1.0, sr_weight=1e-2)
     loss.backward()
@@ -359,7 +367,8 @@ def test_default_configuration_shapes_and_size():
 
 
 def test_rgb_mixture_shapes():
-    model = tiny_model(shape=(3, 12, 12), likelihood="discretized_logistic_mixture", mixtures=5)  # 12 pads to 12 (a multiple of 4)
+    # 12 pads to 12 (a multiple of 4)
+    model = tiny_model(shape=(3, 12, 12), likelihood="discretized_logistic_mixture", mixtures=5)
     x = torch.randint(0, 256, (2, 3, 12, 12)).double() / 255
     params, groups = model.top_down(model.encode(x))
     assert params.shape == (2, nvae.mixture_params_per_pixel(3, 5), 12, 12) == (2, 50, 12, 12)

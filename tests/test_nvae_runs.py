@@ -1,4 +1,5 @@
-"""nvae.py end to end: --help, --quick on binarized MNIST with resume, 8-bit MNIST, exact resume, the presets."""
+"""nvae.py end to end: --help, --quick on binarized MNIST with resume, 8-bit MNIST, exact resume,
+the presets."""
 
 import dataclasses
 
@@ -32,8 +33,8 @@ def test_quick_writes_samples_metrics_checkpoint_and_resumes(tmp_path):
     for name in ("samples.png", "recon.png", "checkpoint.pt", "config.json", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0
     assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 4
-    resumed = run_nvae("--quick", "--steps", "6", "--eval-n", "10", "--bn-readjust", "1", "--temperature", "0.7",
-                       "--out", str(out), "--resume")
+    resumed = run_nvae("--quick", "--steps", "6", "--eval-n", "10", "--bn-readjust", "1",
+                       "--temperature", "0.7", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and common.load_checkpoint(out / "checkpoint.pt")["step"] == 6
 
@@ -48,7 +49,8 @@ def test_8bit_mnist_reports_bits_per_dim(tmp_path):
     args = dataclasses.replace(nvae.Args(), dataset="mnist", mixtures=3, steps=3, data_dir=data_dir(),
                                out=str(tmp_path / "run"), **TINY)
     metrics = nvae.train(args)
-    assert 0 < metrics["nll_bpd"] <= metrics["nelbo_bpd"] + 0.5 and (tmp_path / "run" / "samples.png").exists()
+    assert (0 < metrics["nll_bpd"] <= metrics["nelbo_bpd"] + 0.5
+            and (tmp_path / "run" / "samples.png").exists())
 
 
 def test_toy_data_are_refused():
@@ -84,7 +86,7 @@ def test_paper_presets_build_the_paper_models():
     assert params.shape == (2, 1, 28, 28) and len(groups) == 10
     assert [g["z"].shape[-1] for g in groups] == [4] * 5 + [8] * 5  # the paper's 4x4 and 8x8 latents
     args = common.parse_args(nvae.Args, ["--paper-cifar10"], presets)
-    model = nvae.NVAE((3, 32, 32), "discretized_logistic_mixture", args.channels, args.pre_blocks, args.scales, args.groups,
-                      args.z_channels, args.cells, args.expansion, args.mixtures)
+    model = nvae.NVAE((3, 32, 32), "discretized_logistic_mixture", args.channels, args.pre_blocks,
+                      args.scales, args.groups, args.z_channels, args.cells, args.expansion, args.mixtures)
     assert model.num_groups == 30 and tuple(model.h0.shape[2:]) == (16, 16)  # 30 groups of 20 x 16 x 16
     assert model.head[-1].out_channels == 100  # 10 logistics: 10 x (1 + 3 + 3 + 3)

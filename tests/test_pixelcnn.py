@@ -1,5 +1,5 @@
-"""pixelcnn.py: causality of all three networks (exact zeros in the Jacobian, RGB channel order included), their
-receptive fields against a reachability computation (PixelCNN's blind spot, the Row LSTM's triangle, the
+"""pixelcnn.py: causality of all three networks (exact zeros in the Jacobian, RGB channel order included),
+their receptive fields against a reachability computation (PixelCNN's blind spot, the Row LSTM's triangle, the
 Diagonal BiLSTM's full context), exact likelihoods (uniform output, probabilities summing to one), the sampler
 against the model's joint distribution (chi-square), and end-to-end runs."""
 
@@ -68,7 +68,8 @@ def test_logits_never_depend_on_the_current_or_later_sub_pixels(arch, colors, le
     c, i, j = (t.flatten() for t in torch.meshgrid(*(torch.arange(n) for n in shape), indexing="ij"))
     for out in range(len(order)):
         if j[out] > 0:
-            assert jac[out, out - 1] > 0  # same channel, the pixel to the left (rows of jac are flattened c, i, j)
+            # same channel, the pixel to the left (rows of jac are flattened c, i, j)
+            assert jac[out, out - 1] > 0
     if colors == 3:
         index = torch.arange(len(order)).view(shape)
         assert (jac[index[1].flatten(), index[0].flatten()] > 0).all()  # G sees R of its own pixel
@@ -76,7 +77,7 @@ def test_logits_never_depend_on_the_current_or_later_sub_pixels(arch, colors, le
         assert (jac[index[2].flatten(), index[0].flatten()] > 0).all()  # B sees R
 
 
-# ---------------------------------------------------------------------------------------------- receptive fields
+# ------------------------------------------------------------------------------------------- receptive fields
 def dilate(mask: np.ndarray, offsets) -> np.ndarray:
     """{p + o : p in mask, o in offsets}, clipped to the image (zero padding carries no input)."""
     rows, width = mask.shape
@@ -107,7 +108,8 @@ def expected_receptive_field(arch: str, layers: int, p: tuple[int, int], rows: i
     for _ in range(layers):
         if arch == "pixelcnn":  # residual block: the 3x3 mask B (the 1x1s and the skip stay in place)
             s = dilate(s, MASK_B_3x3)
-        elif arch == "rowlstm":  # states above-left/above/above-right, each reading its input at (0, -1), (0, 0)
+        elif arch == "rowlstm":  # states above-left/above/above-right,
+                                 # each reading its input at (0, -1), (0, 0)
             s = s | dilate(closure(s, [(-1, -1), (-1, 0), (-1, 1)]), [(0, -1), (0, 0)])
         else:  # left-to-right: states above and left; right-to-left, one row up: states above and right
             s = s | closure(s, [(-1, 0), (0, -1)]) | closure(dilate(s, [(-1, 0)]), [(-1, 0), (0, 1)])
@@ -123,9 +125,9 @@ def test_receptive_fields_match_the_architecture(arch):
         depends = jac[p].numpy() > 0
         assert (depends == expected_receptive_field(arch, layers, p, rows, width)).all(), p
         if arch == "diagbilstm":
-            # Sec. 3.2 claims the whole available context. It holds but for one pixel: the first layer's mask A
-            # keeps x_(i-1, W-1) out of every feature of row i - 1, the shifted right-to-left pass reads only
-            # row i - 1, so only the 7x7 window (3 columns) carries that pixel to row i.
+            # Sec. 3.2 claims the whole available context. It holds but for one pixel: the first layer's mask
+            # A keeps x_(i-1, W-1) out of every feature of row i - 1, the shifted right-to-left pass reads
+            # only row i - 1, so only the 7x7 window (3 columns) carries that pixel to row i.
             unseen = (earlier < earlier[p]) & ~depends
             i, j = p
             assert unseen.sum() == (i >= 1 and j < width - 4), p
@@ -135,7 +137,8 @@ def test_receptive_fields_match_the_architecture(arch):
         assert last.sum() == rows * width - 1  # the last pixel depends on every earlier pixel
     if arch == "pixelcnn":
         # Sec. 3.4 (and van den Oord et al. 2016b, Fig. 1): a blind spot to the upper right. The logits at
-        # (5, 3) cannot see (4, 7) although it comes earlier: along a row, masked convolutions reach only left.
+        # (5, 3) cannot see (4, 7) although it comes earlier: along a row, masked convolutions
+        # reach only left.
         assert earlier[4, 7] < earlier[5, 3] and jac[5, 3][4, 7] == 0
     if arch == "rowlstm":
         # Sec. 3.1: a triangle above the pixel; the far end of the row above lies outside it
@@ -159,7 +162,8 @@ def test_uniform_output_has_nll_d_log_levels(arch, colors, levels):
 
 def all_images(shape: tuple[int, int, int], levels: int) -> torch.Tensor:
     """Every image of the given shape, (levels^D, C, H, W)."""
-    values = torch.tensor(list(itertools.product(range(levels), repeat=math.prod(shape))), dtype=torch.float64)
+    values = torch.tensor(list(itertools.product(range(levels), repeat=math.prod(shape))),
+                          dtype=torch.float64)
     return (values / (levels - 1)).view(-1, *shape)
 
 
@@ -214,7 +218,8 @@ def test_sample_frequencies_match_the_joint_probabilities(arch, shape, levels):
     counts = torch.bincount(index, minlength=len(images)).double()
     expected = n * p
     assert p.max() > 2 * p.min()  # far from uniform
-    small = expected < 5  # the chi-square approximation needs >= 5 expected: pool the rare images into one cell
+    # the chi-square approximation needs >= 5 expected: pool the rare images into one cell
+    small = expected < 5
     if small.any():
         counts = torch.cat([counts[~small], counts[small].sum()[None]])
         expected = torch.cat([expected[~small], expected[small].sum()[None]])
@@ -245,7 +250,8 @@ def test_parameter_counts_and_output_shape():
         model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 1, 2, 7, h, out)
         assert sum(p.numel() for p in model.parameters()) == first + 7 * n + head
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 1, 2, 28, 28)
-    assert pixelcnn.PixelModel(pixelcnn.DiagonalBiLSTM, 3, 256, 1, 6, 8)(torch.zeros(1, 3, 4, 5)).shape == (1, 3, 256, 4, 5)
+    assert (pixelcnn.PixelModel(pixelcnn.DiagonalBiLSTM, 3, 256, 1, 6, 8)(torch.zeros(1, 3, 4, 5)).shape
+            == (1, 3, 256, 4, 5))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -272,7 +278,8 @@ def test_quick_writes_samples_metrics_checkpoint_and_resumes(tmp_path, arch):
                           "--out", str(out), *layers)
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("eval test nll_nats=") and "sample_s=" in last and last.endswith("(exact, 50 images)")
+    assert (last.startswith("eval test nll_nats=") and "sample_s=" in last
+            and last.endswith("(exact, 50 images)"))
     for name in ("samples.png", "checkpoint.pt", "config.json", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0
     assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 6
@@ -324,7 +331,8 @@ def test_lstm_pixel_by_pixel_equals_the_parallel_forward(arch, colors, levels):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sample_follows_the_model_dtype_and_reports_each_row(arch):
-    torch.set_default_dtype(torch.float32)  # built in float32, then .double(), as a user would (fixture restores)
+    # built in float32, then .double(), as a user would (fixture restores)
+    torch.set_default_dtype(torch.float32)
     model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 3, 4, 1, 4, 8).double()
     rows = []
     x = pixelcnn.sample(model, 2, (3, 3, 4), progress=lambda steps: rows.extend(steps) or steps)

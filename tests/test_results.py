@@ -1,5 +1,5 @@
-"""The likelihood tables: every model file has a row, every row's command parses, and the script reads, checks,
-records and renders runs correctly (on fake run folders, and one real tiny run)."""
+"""The likelihood tables: every model file has a row, every row's command parses, and the script reads,
+checks, records and renders runs correctly (on fake run folders, and one real tiny run)."""
 import json
 import shutil
 from pathlib import Path
@@ -66,7 +66,8 @@ def test_final_test_line_takes_the_last_test_line_with_the_key(tmp_path):
 def test_check_config_accepts_the_rows_command_and_names_a_changed_field(tmp_path):
     row = table.BY_ID["vae-bmnist"]
     config = table.expected_config(row, seed=1)
-    table.check_config(row, 1, write_run(tmp_path / "ok", [], {**config, "out": "elsewhere", "device": "cpu"}))
+    table.check_config(row, 1,
+                       write_run(tmp_path / "ok", [], {**config, "out": "elsewhere", "device": "cpu"}))
     with pytest.raises(table.ResultError, match="latent=8"):
         table.check_config(row, 1, write_run(tmp_path / "bad", [], {**config, "latent": 8}))
     with pytest.raises(table.ResultError, match="seed=1"):
@@ -74,12 +75,13 @@ def test_check_config_accepts_the_rows_command_and_names_a_changed_field(tmp_pat
 
 
 def test_quick_preset_is_applied_when_a_row_uses_it():
-    """A row's expected config applies the file's presets as its command line does: ddpm's --quick is the image
-    smoke test on mnist and the toy preset on a 2D toy."""
+    """A row's expected config applies the file's presets as its command line does: ddpm's --quick is the
+    image smoke test on mnist and the toy preset on a 2D toy."""
     image = table.Row("q", "mnist", "m", "ddpm.py", "--quick", "e", "b")
     toy = table.Row("q", "toys", "m", "ddpm.py", "--quick --dataset 8gaussians", "e", "b")
     config = table.expected_config(image, seed=0)
-    assert config["quick"] and config["dataset"] == "mnist" and config["steps"] == 1000 and config["channels"] == 32
+    assert (config["quick"] and config["dataset"] == "mnist" and config["steps"] == 1000
+            and config["channels"] == 32)
     config = table.expected_config(toy, seed=0)
     assert config["quick"] and config["dataset"] == "8gaussians" and config["steps"] == 3000
     assert config["batch_size"] == 256
@@ -87,7 +89,8 @@ def test_quick_preset_is_applied_when_a_row_uses_it():
 
 def fake_record(row: table.Row, seed: int, figure: float, **extra) -> dict:
     return {"row": row.id, "seed": seed, "figure": figure, "extra": extra, "command": row.command(seed),
-            "wall_s": 100.0 + 10 * seed, "wall_source": "runner", "max_load": 1.0, "code": table.code_hash(row.file),
+            "wall_s": 100.0 + 10 * seed, "wall_source": "runner", "max_load": 1.0,
+            "code": table.code_hash(row.file),
             "host": {"cpu": "test cpu", "cores": 2, "threads": "1", "gpu": None, "torch": "x"},
             "commit": "abc", "run_dir": f"runs/results/{row.id}-s{seed}", "date": "2026-01-01T00:00:00+00:00"}
 
@@ -142,8 +145,8 @@ def test_readme_has_the_markers_and_every_table_title():
 
 
 def test_samples_figure_tiles_every_current_row_and_keeps_its_picture(tmp_path, monkeypatch):
-    """Rows with a current record and a picture are tiled; the picture is kept in results/samples/ so the figure
-    can be rebuilt once the run folders are gone; a stale row is left out."""
+    """Rows with a current record and a picture are tiled; the picture is kept in results/samples/ so the
+    figure can be rebuilt once the run folders are gone; a stale row is left out."""
     monkeypatch.setattr(table, "code_hash", lambda file: "current")
     records = {}
     for i, row in enumerate(table.ROWS[:4]):
@@ -215,8 +218,8 @@ def test_run_clock_sums_the_invocations_of_a_resumed_run(tmp_path):
 
 
 def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_common(tmp_path, monkeypatch):
-    """Plumbing edits (run folders, logging) and comments or docstrings keep a figure fresh; edits to the model
-    file's code, the data, the units or the optimizer make it stale."""
+    """Plumbing edits (run folders, logging) and comments or docstrings keep a figure fresh; edits to the
+    model file's code, the data, the units or the optimizer make it stale."""
     monkeypatch.setattr(table, "ROOT", tmp_path)
     source = (ROOT / "common.py").read_text()
     (tmp_path / "vae.py").write_text((ROOT / "vae.py").read_text())
@@ -238,7 +241,8 @@ def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_co
         assert hash_with(source.replace(old, new, 1)) != base, old
     assert hash_with(source, "\n# an edit\n") == base  # comments and docstrings are not code
     doc = '"""Negative log-likelihood per example in nats -> bits per dimension.'
-    assert doc in source and hash_with(source.replace(doc, doc + " Edited.", 1)) == base  # a docstring in units
+    # a docstring in units
+    assert doc in source and hash_with(source.replace(doc, doc + " Edited.", 1)) == base
     vae_doc = (ROOT / "vae.py").read_text()
     (tmp_path / "common.py").write_text(source)
     (tmp_path / "vae.py").write_text(vae_doc.replace("Expected result", "Expected results", 1))
@@ -247,8 +251,8 @@ def test_code_hash_follows_the_model_file_and_the_data_seed_and_unit_parts_of_co
 
 
 def test_every_cpu_recipe_is_a_table_row():
-    """A model file's "# CPU recipe" command (what --quick prints on images) is measured in the table, flag for
-    flag, so the README's figure for it comes from exactly that command."""
+    """A model file's "# CPU recipe" command (what --quick prints on images) is measured in the table, flag
+    for flag, so the README's figure for it comes from exactly that command."""
     commands = {f"python {row.file} {row.flags}" for row in table.ROWS}
     recipes = []
     for path in sorted(ROOT.glob("*.py")):

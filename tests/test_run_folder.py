@@ -70,14 +70,18 @@ def test_out_of_range_values_are_argparse_errors(argv, message, capsys):
         common.parse_args(Args, argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if "error:" in line] == [f"{os.path.basename(sys.argv[0])}: error: "
-                                                                       f"{message}"]
-    assert common.parse_args(Args, ["--width", "1", "--decay", "0"]).width == 1  # the edges that are valid pass
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"{os.path.basename(sys.argv[0])}: error: "
+        f"{message}"]
+    # the edges that are valid pass
+    assert common.parse_args(Args, ["--width", "1", "--decay", "0"]).width == 1
 
 
 def test_help_shows_the_range():
-    parser_text = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--help"], capture_output=True, text=True)
-    assert parser_text.returncode == 0 and "per process (paper: 100); >= 1 (default: 128)" in " ".join(parser_text.stdout.split())
+    parser_text = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--help"],
+                                 capture_output=True, text=True)
+    assert (parser_text.returncode == 0
+            and "per process (paper: 100); >= 1 (default: 128)" in " ".join(parser_text.stdout.split()))
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -166,7 +170,9 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(common.os, "fdopen", Full)
-    with pytest.raises(common.RunError, match="cannot save the checkpoint .*: No space left on device .an earlier file there is unchanged"):
+    with pytest.raises(common.RunError,
+                       match="cannot save the checkpoint .*: No space left on device "
+                             ".an earlier file there is unchanged"):
         run.save(7)
     assert (folder / "checkpoint.pt").read_bytes() == good and not list(folder.glob(".*.tmp"))
 
@@ -195,7 +201,7 @@ def test_logged_numbers_are_rounded_for_reading(value, text):
     assert common._fmt(value) == text
 
 
-# ---------------------------------------------------------------------------------------------- the command line
+# ------------------------------------------------------------------------------------------- the command line
 SCRIPT = textwrap.dedent('''
     import sys, time
     from dataclasses import dataclass
@@ -298,7 +304,8 @@ def test_sigterm_during_the_final_evaluation_exits_130_and_resume_reruns_only_th
     assert common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 5
     resumed = _start(tmp_path, "--steps", "5", "--resume", "--eval-sleep", "0")
     out, err = resumed.communicate(timeout=60)
-    assert resumed.returncode == 0 and "training" not in out and out.strip().endswith("eval test nll_nats=1.0")
+    assert (resumed.returncode == 0 and "training" not in out
+            and out.strip().endswith("eval test nll_nats=1.0"))
     assert "run folder:" in err
 
 
@@ -322,11 +329,13 @@ def test_a_read_only_out_is_one_line(tmp_path):
         code, err = _finish(_start(tmp_path, "--steps", "5", "--eval-sleep", "0"))
     finally:
         os.chmod(tmp_path / "run", 0o700)
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: Permission denied: ") and err[0].endswith("config.json")
+    assert (code == 2 and len(err) == 1 and err[0].startswith("error: Permission denied: ")
+            and err[0].endswith("config.json"))
 
 
-# ---------------------------------------------------------------------------------------------- the model files
-MODEL_FILES = ("vae", "iwae", "savae", "vqvae", "nvae", "ddpm", "ebm_jem", "ncsn_sde", "pixelcnn", "flows", "ffjord")
+# -------------------------------------------------------------------------------------------- the model files
+MODEL_FILES = ("vae", "iwae", "savae", "vqvae", "nvae", "ddpm", "ebm_jem", "ncsn_sde",
+               "pixelcnn", "flows", "ffjord")
 
 
 @pytest.mark.parametrize("name", MODEL_FILES)
@@ -337,7 +346,8 @@ def test_every_numeric_flag_declares_its_range_and_every_preset_is_inside(name):
         hint = typing.get_args(hints[field.name])[0] if typing.get_origin(hints[field.name]) is tuple \
             else hints[field.name]
         if hint in (int, float):
-            assert common.field_bound(docs.get(field.name, "")) is not None, f"{name}.py --{field.name} has no range"
+            assert common.field_bound(docs.get(field.name, "")) is not None, (
+                f"{name}.py --{field.name} has no range")
     assert "threads" in docs
     presets = {k: v for k, v in vars(module).items() if k.isupper() and isinstance(v, dict)
                and v and set(v) <= set(docs)}
@@ -373,7 +383,8 @@ def test_out_of_range_flags_of_the_model_files(name, argv, message, capsys):
 
 def test_a_bad_flag_is_refused_by_the_script_before_any_data_is_read(tmp_path):
     empty = tmp_path / "data"
-    result = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--batch-size", "0", "--data-dir", str(empty)],
+    result = subprocess.run([sys.executable, str(ROOT / "vae.py"), "--batch-size", "0",
+                             "--data-dir", str(empty)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode == 2 and errors == ["vae.py: error: argument --batch-size: must be >= 1 (got 0)"]
@@ -386,7 +397,8 @@ def test_a_bad_flag_is_refused_by_the_script_before_any_data_is_read(tmp_path):
     ("ncsn_sde.py", ["--dataset", "binarized_mnist"], "ncsn_sde.py models densities of continuous data"),
     ("nvae.py", ["--dataset", "8gaussians"], "nvae.py models images"),
     ("vqvae.py", ["--dataset", "two_moons"], "vqvae.py models images"),
-    ("flows.py", ["--task", "images", "--flow", "glow", "--dataset", "binarized_mnist"], "--task images needs 8-bit"),
+    ("flows.py", ["--task", "images", "--flow", "glow", "--dataset", "binarized_mnist"],
+     "--task images needs 8-bit"),
     ("vae.py", ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
 ])
 def test_unsupported_datasets_are_refused_before_any_data_is_read(tmp_path, script, flags, message):
@@ -395,7 +407,8 @@ def test_unsupported_datasets_are_refused_before_any_data_is_read(tmp_path, scri
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path,
                             timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+    assert (result.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: ")
+            and message in errors[0])
     assert not empty.exists() and not (tmp_path / "run").exists()
 
 
@@ -430,15 +443,17 @@ def test_quick_on_a_toy_takes_the_toy_preset_and_on_images_the_smoke_test():
     for module, toy_steps, image_flags, image_steps in [
             (ddpm, 3000, ["--dataset", "mnist"], 1000), (ffjord, 1200, ["--dataset", "mnist"], 150),
             (ncsn_sde, 3000, ["--dataset", "mnist"], 300), (flows, 3000, ["--task", "images"], 200)]:
-        assert common.parse_args(module.Args, ["--quick", "--dataset", "two_moons"], module.PRESETS).steps == toy_steps
+        assert common.parse_args(module.Args, ["--quick", "--dataset", "two_moons"],
+                                 module.PRESETS).steps == toy_steps
         assert common.parse_args(module.Args, ["--quick", *image_flags], module.PRESETS).steps == image_steps
-        assert common.parse_args(module.Args, ["--quick", *image_flags, "--steps", "7"], module.PRESETS).steps == 7
+        assert common.parse_args(module.Args, ["--quick", *image_flags, "--steps", "7"],
+                                 module.PRESETS).steps == 7
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in ROOT.glob("*.py") if p.name != "common.py"))
 def test_every_default_is_a_valid_value_of_its_flag(name):
-    """A Literal flag's default is one of its choices (argparse would refuse it typed on the command line), and
-    every preset sets only fields that exist."""
+    """A Literal flag's default is one of its choices (argparse would refuse it typed on the command line),
+    and every preset sets only fields that exist."""
     module = importlib.import_module(name)
     hints = typing.get_type_hints(module.Args)
     for field in dataclasses.fields(module.Args):

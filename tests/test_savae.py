@@ -1,5 +1,5 @@
-"""savae.py: refinement raises the ELBO, K = 0 is the VAE, the encoder's gradient through the unrolled SVI steps
-against finite differences, the autoregressive decoder's masks and normalization, the importance-sampled
+"""savae.py: refinement raises the ELBO, K = 0 is the VAE, the encoder's gradient through the unrolled SVI
+steps against finite differences, the autoregressive decoder's masks and normalization, the importance-sampled
 log p(x) against numerical integration, and end-to-end runs of the three modes."""
 
 import math
@@ -60,7 +60,8 @@ def test_clipping_bounds_each_examples_step():
     x = binary(5)
     with torch.no_grad():
         mu0, logvar0 = model.encode(x)
-    mu, logvar, _ = model.refined(x, mu0, logvar0, 1, 1.0, 0.5, 0.01)  # one step: lambda_1 - lambda_0 = lr * g
+    # one step: lambda_1 - lambda_0 = lr * g
+    mu, logvar, _ = model.refined(x, mu0, logvar0, 1, 1.0, 0.5, 0.01)
     step = torch.cat([mu - mu0, logvar - logvar0], 1).norm(dim=1)
     assert torch.allclose(step, torch.full_like(step, 0.01), atol=1e-12)
 
@@ -162,14 +163,16 @@ def test_importance_sampled_log_px_matches_numerical_integration():
     # log p(x) = log int p(x|z) N(z; 0, 1) dz by the trapezoid rule on a fine grid
     z = torch.linspace(-12, 12, 24_001)[:, None, None]  # (G, 1, 1): broadcast over the 3 images
     with torch.no_grad():
-        log_joint = model.decoder(x, z.expand(-1, 3, 1)) + savae.log_normal_logvar(z.expand(-1, 3, 1))  # (G, 3)
+        # (G, 3)
+        log_joint = model.decoder(x, z.expand(-1, 3, 1)) + savae.log_normal_logvar(z.expand(-1, 3, 1))
     exact = torch.logsumexp(log_joint, 0) + math.log(z[1, 0, 0] - z[0, 0, 0])
     with torch.no_grad():
         mu, logvar = model.encode(x)
     mu, logvar, _ = model.refined(x, mu, logvar, 20, 1.0, 0.5, 5.0)
     torch.manual_seed(0)
     with torch.no_grad():
-        estimate = savae.importance_weighted_log_px(model, x, mu.detach(), logvar.detach(), k=20_000, chunk=5000)
+        estimate = savae.importance_weighted_log_px(model, x, mu.detach(), logvar.detach(),
+                                                    k=20_000, chunk=5000)
     assert torch.allclose(estimate, exact, atol=0.01)
     with torch.no_grad():  # and the ELBO under the same q is below it
         elbo, se = elbo_estimate(model, x, mu.detach(), logvar.detach())

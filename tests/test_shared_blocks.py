@@ -1,10 +1,11 @@
 """The blocks that several model files share are the same text in each of them.
 
 Each model file stays self-contained and copyable (CleanRL style), so a helper two files need is copied into
-both; the rule is that the copies stay identical. SHARED lists every such block with the files that hold a copy,
-and each is compared line for line (decorators and trailing comments included). PER_FILE lists the names that
-several files define on purpose, each file its own version. A top-level name defined in two or more model files
-must be in one of the two, so a new copy, or a new function that reuses a shared name, cannot go unnoticed."""
+both; the rule is that the copies stay identical. SHARED lists every such block with the files that hold a
+copy, and each is compared line for line (decorators and trailing comments included). PER_FILE lists the names
+that several files define on purpose, each file its own version. A top-level name defined in two or more model
+files must be in one of the two, so a new copy, or a new function that reuses a shared name, cannot go
+unnoticed."""
 
 import ast
 import difflib
@@ -54,7 +55,8 @@ PER_FILE = {
     "build_model": "a Diffusion in ddpm.py, a ScoreModel in ncsn_sde.py",
     "to_model": "each file's data scaling (ncsn_sde.py dequantizes, ddpm.py keeps the 8-bit grid)",
     "to_data": "the inverse of each file's to_model",
-    "density_on_grid": "each file's model density: FFJORD's exact-trace log_prob, the score SDE's ODE likelihood",
+    "density_on_grid":
+        "each file's model density: FFJORD's exact-trace log_prob, the score SDE's ODE likelihood",
     "conv_net": "an energy network in ebm_jem.py, a coupling network in flows.py",
     "evaluate_images": "image metrics of an energy model (ebm_jem.py) and of a flow (flows.py)",
     "ResidualBlock": "a coupling network's block in flows.py, a gated masked block in pixelcnn.py",
@@ -92,15 +94,16 @@ def test_every_copy_of_a_shared_block_is_the_same_text(name):
     assert tuple(sorted(blocks)) == tuple(sorted(SHARED[name])), f"{name} is defined in {sorted(blocks)}"
     first, *others = sorted(blocks)
     for other in others:
-        diff = "\n".join(difflib.unified_diff(blocks[first].splitlines(), blocks[other].splitlines(), first, other,
-                                              lineterm=""))
+        diff = "\n".join(difflib.unified_diff(blocks[first].splitlines(), blocks[other].splitlines(), first,
+                                              other, lineterm=""))
         assert blocks[other] == blocks[first], f"{name} differs between {first} and {other}:\n{diff}"
 
 
 def test_every_name_in_two_model_files_is_shared_or_per_file_by_design():
     assert not set(SHARED) & set(PER_FILE)
     repeated = {name: files for name, files in defined_names().items() if len(files) > 1}
-    unlisted = {name: files for name, files in repeated.items() if name not in SHARED and name not in PER_FILE}
+    unlisted = {name: files for name, files in repeated.items()
+                if name not in SHARED and name not in PER_FILE}
     assert not unlisted, f"list these in SHARED (identical copies) or PER_FILE (with the reason): {unlisted}"
     stale = sorted(set(SHARED) - set(repeated)) + sorted(set(PER_FILE) - set(repeated))
     assert not stale, f"no longer defined in two model files: {stale}"

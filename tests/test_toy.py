@@ -10,7 +10,8 @@ import toy_densities
 NAMES = common.TOY_DATASETS
 HALF_WIDTH = {"8gaussians": 6.5, "checkerboard": 4.0, "two_moons": 5.0, "swissroll": 5.0, "pinwheel": 7.0,
               "circles": 5.5}
-STEP = 0.1  # grid step for the test quadratures; multiple of the 0.5 histogram bins, aligned with checkerboard
+# grid step for the test quadratures; multiple of the 0.5 histogram bins, aligned with checkerboard
+STEP = 0.1
 BIN = 0.5
 
 
@@ -97,7 +98,8 @@ def test_histogram_matches_integrated_density(name):
 
 
 def _ffjord_pinwheel_map(feat: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """FFJORD lib/toy_data.py pinwheel before the final x2, written as there (rotations reshaped (-1, 2, 2))."""
+    """FFJORD lib/toy_data.py pinwheel before the final x2, written as there (rotations reshaped
+    (-1, 2, 2))."""
     angles = 2 * math.pi * k / 5 + 0.25 * torch.exp(feat[:, 0])
     rotations = torch.stack([torch.cos(angles), -torch.sin(angles), torch.sin(angles), torch.cos(angles)])
     return torch.einsum("ti,tij->tj", feat, rotations.T.reshape(-1, 2, 2))
@@ -114,8 +116,8 @@ def test_pinwheel_jacobian_determinant_matches_autograd():
 
 
 def test_pinwheel_density_is_change_of_variables_at_mapped_points():
-    """p(2 F_k(f)) >= p_F(f) / (5 * 4 |det J|), the term of the preimage f; other preimages (other classes near
-    the origin, other branches) only add, and are negligible (< 1e-8 relative) once r >= 1."""
+    """p(2 F_k(f)) >= p_F(f) / (5 * 4 |det J|), the term of the preimage f; other preimages (other classes
+    near the origin, other branches) only add, and are negligible (< 1e-8 relative) once r >= 1."""
     g = _gen(4)
     f = torch.randn(500, 2, generator=g, dtype=torch.float64) * torch.tensor([0.3, 0.1])
     f[:, 0] += 1.0
@@ -131,7 +133,8 @@ def test_pinwheel_density_is_change_of_variables_at_mapped_points():
 
 def test_circles_bessel_form_matches_angular_average():
     x = torch.randn(200, 2, generator=_gen(5), dtype=torch.float64) * 2.5
-    a = torch.arange(4096, dtype=torch.float64) * (2 * math.pi / 4096)  # periodic trapezoid: spectral accuracy
+    # periodic trapezoid: spectral accuracy
+    a = torch.arange(4096, dtype=torch.float64) * (2 * math.pi / 4096)
     s2 = 0.24**2
     dens = torch.zeros(200, dtype=torch.float64)
     for radius in (3.0, 1.5):

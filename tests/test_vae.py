@@ -62,7 +62,7 @@ def mc_elbo(model: LinearGaussian, x, mu, logvar, samples):
     return rec.mean(0) - vae.gaussian_kl(mu, logvar).sum(1), rec.std(0) / math.sqrt(samples)
 
 
-# ---------------------------------------------------------------------------------------------- KL and gradients
+# ------------------------------------------------------------------------------------------- KL and gradients
 def test_kl_matches_torch_distributions_and_monte_carlo():
     torch.manual_seed(0)
     mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
@@ -159,7 +159,8 @@ def test_discretized_logistic_is_a_distribution_over_256_values():
     # and in float32, as trained: finite everywhere, mass still 1
     params = torch.tensor([[0.2], [-7.0]], dtype=torch.float32).expand(256, 2, 1)
     log_p = vae.discretized_logistic_log_prob(values[:, None].float(), params)
-    assert torch.isfinite(log_p).all() and torch.logsumexp(log_p, 0).exp().item() == pytest.approx(1.0, abs=1e-4)
+    assert (torch.isfinite(log_p).all()
+            and torch.logsumexp(log_p, 0).exp().item() == pytest.approx(1.0, abs=1e-4))
 
 
 def test_bernoulli_and_gaussian_match_torch_distributions():
@@ -167,13 +168,14 @@ def test_bernoulli_and_gaussian_match_torch_distributions():
     x, logits = torch.bernoulli(torch.full((4, 10), 0.5)), torch.randn(4, 1, 10) * 5
     expected = torch.distributions.Bernoulli(logits=logits[:, 0]).log_prob(x).sum(-1)
     assert torch.allclose(vae.bernoulli_log_prob(x, logits[:, 0]), expected)
-    assert torch.allclose(vae.LIKELIHOODS["bernoulli"][0](x, logits), expected)  # the decoder's params (B, 1, D)
+    # the decoder's params (B, 1, D)
+    assert torch.allclose(vae.LIKELIHOODS["bernoulli"][0](x, logits), expected)
     y, params = torch.randn(4, 3), torch.randn(4, 2, 3)
     expected = torch.distributions.Normal(params[:, 0], (0.5 * params[:, 1]).exp()).log_prob(y).sum(-1)
     assert torch.allclose(vae.gaussian_log_prob(y, params), expected)
 
 
-# ---------------------------------------------------------------------------------------------- collapse remedies
+# ------------------------------------------------------------------------------------------ collapse remedies
 def test_min_rate_commits_every_dimension_to_a_kl_floor():
     for rate in (0.1, 0.5, 2.0):
         model = vae.VAE((1, 28, 28), "bernoulli", latent=8, min_rate=rate)

@@ -72,7 +72,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
 @needs_mnist
 @pytest.mark.parametrize("flags, first_word", [
     (["--dataset", "mnist", "--arch", "conv", "--latent", "8", "--batch-size", "32"], "eval test nll_bpd="),
-    (["--dataset", "8gaussians", "--hidden", "32", "--latent", "2", "--batch-size", "256"], "eval test nll_nats="),
+    (["--dataset", "8gaussians", "--hidden", "32", "--latent", "2", "--batch-size", "256"],
+     "eval test nll_nats="),
     (["--kl-warmup", "20", "--free-bits", "0.1", "--aggressive"], "eval test nll_nats="),
 ])
 def test_other_data_and_remedies_run_end_to_end(tmp_path, flags, first_word):

@@ -1,6 +1,6 @@
 """vqvae.py: quantization (exact far from the origin), straight-through gradients, the two VQ terms, EMA
-codebooks, restarts, the causal gated PixelCNN prior (exact dependencies), its normalization and sampler, samplers
-in the model's dtype, the bound and the shapes."""
+codebooks, restarts, the causal gated PixelCNN prior (exact dependencies), its normalization and sampler,
+samplers in the model's dtype, the bound and the shapes."""
 
 import itertools
 import math
@@ -172,9 +172,11 @@ def test_dead_codes_restart_on_encoder_outputs():
     torch.manual_seed(7)
     K, D = 8, 2
     quantizer = vqvae.VectorQuantizer(K, D, restart=1.0)
-    quantizer.codebook.data.copy_(torch.tensor([[0.0, 0.0], [0.1, 0.0]] + [[100.0 + i, 100.0] for i in range(6)]))
+    quantizer.codebook.data.copy_(
+        torch.tensor([[0.0, 0.0], [0.1, 0.0]] + [[100.0 + i, 100.0] for i in range(6)]))
     quantizer.usage.fill_(50.0)
-    quantizer.usage[[3, 5]] = 1.0  # these two fall below 1 once this batch (with no assignments) is averaged in
+    # these two fall below 1 once this batch (with no assignments) is averaged in
+    quantizer.usage[[3, 5]] = 1.0
     before = quantizer.codebook.detach().clone()
     z = torch.randn(2, D, 4, 4) * 0.1
     quantizer(z)
@@ -195,7 +197,8 @@ def test_perplexity():
     assert math.isclose(vqvae.perplexity(torch.ones(37)).item(), 37)
     assert math.isclose(vqvae.perplexity(torch.tensor([0.0, 5.0, 0.0])).item(), 1)
     p = torch.tensor([0.25, 0.75])
-    assert math.isclose(vqvae.perplexity(torch.tensor([1.0, 3.0])).item(), math.exp(-(p * p.log()).sum().item()))
+    assert math.isclose(vqvae.perplexity(torch.tensor([1.0, 3.0])).item(),
+                        math.exp(-(p * p.log()).sum().item()))
 
 
 def dependencies(fn, inputs: torch.Tensor) -> torch.Tensor:
@@ -285,7 +288,8 @@ def test_samplers_follow_the_model_dtype(levels):
     """Built in float32 (the default dtype) and converted with .double(): codes from the prior and the decoded
     pictures come out of float64 networks as float64, and encoding works on float64 images."""
     torch.set_default_dtype(torch.float32)
-    model = vqvae.VQVAE((1, 8, 8), "8bit", levels, hidden=8, res_blocks=1, codebook_size=5, code_dim=3).double()
+    model = vqvae.VQVAE((1, 8, 8), "8bit", levels, hidden=8, res_blocks=1, codebook_size=5,
+                        code_dim=3).double()
     prior = vqvae.CodePrior(5, levels, hidden=8, layers=2).double()
     codes = vqvae.sample_codes(prior, 3, model.code_shapes())
     assert [tuple(c.shape) for c in codes] == [(3, *s) for s in model.code_shapes()]

@@ -1,5 +1,6 @@
-"""vqvae.py end to end: stage one then stage two on MNIST with --quick, resume, VQ-VAE-2 with EMA codes, restarts
-and a class-conditional prior, and the one-line errors for a missing or wrong stage-one checkpoint."""
+"""vqvae.py end to end: stage one then stage two on MNIST with --quick, resume, VQ-VAE-2 with EMA codes,
+restarts and a class-conditional prior, and the one-line errors for a missing or wrong stage-one
+checkpoint."""
 
 import dataclasses
 import json
@@ -11,8 +12,8 @@ from helpers import data_dir, needs_mnist, run_script
 import common
 import vqvae
 
-SMALL = ("--quick", "--steps", "30", "--eval-n", "200", "--train-n", "2000", "--batch-size", "32", "--samples", "16",
-         "--prior-layers", "3")
+SMALL = ("--quick", "--steps", "30", "--eval-n", "200", "--train-n", "2000", "--batch-size", "32",
+         "--samples", "16", "--prior-layers", "3")
 
 
 def run_vqvae(*flags, timeout=300):
@@ -47,29 +48,34 @@ def test_quick_stage_one_then_stage_two_write_samples_and_resume(tmp_path):
     resumed = run_vqvae(*SMALL, "--steps", "40", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and common.load_checkpoint(out / "checkpoint.pt")["step"] == 40
-    test = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])  # the step-40 decoder stage two loads
+    # the step-40 decoder stage two loads
+    test = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
-    prior = run_vqvae(*SMALL, "--steps", "20", "--stage", "prior", "--vqvae", str(out), "--out", str(prior_out))
+    prior = run_vqvae(*SMALL, "--steps", "20", "--stage", "prior", "--vqvae", str(out),
+                      "--out", str(prior_out))
     assert prior.returncode == 0, prior.stderr
     line = last_line(prior)
-    assert line.startswith("eval test nll_bpd=") and line.endswith("(bound: decoder NLL + PixelCNN prior NLL of the codes)")
+    assert (line.startswith("eval test nll_bpd=")
+            and line.endswith("(bound: decoder NLL + PixelCNN prior NLL of the codes)"))
     assert (prior_out / "samples.png").stat().st_size > 0
     final = json.loads((prior_out / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(final["rec_bpd"] - test["rec_bpd"]) < 1e-6  # the same decoder on the same test images
-    resumed = run_vqvae(*SMALL, "--steps", "25", "--stage", "prior", "--vqvae", str(out), "--out", str(prior_out),
-                        "--resume")
+    resumed = run_vqvae(*SMALL, "--steps", "25", "--stage", "prior", "--vqvae", str(out),
+                        "--out", str(prior_out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and common.load_checkpoint(prior_out / "checkpoint.pt")["step"] == 25
 
     # stage two refuses what is not a stage-one checkpoint
     with pytest.raises(common.RunError, match="is not a stage-one checkpoint"):
-        vqvae.train(dataclasses.replace(vqvae.Args(), stage="prior", vqvae=str(prior_out), out=str(tmp_path / "x")))
+        vqvae.train(dataclasses.replace(vqvae.Args(), stage="prior", vqvae=str(prior_out),
+                                        out=str(tmp_path / "x")))
 
 
 @needs_mnist
 def test_vqvae2_with_ema_restarts_and_a_class_conditional_prior(tmp_path):
     out = tmp_path / "vqvae2"
-    flags = (*SMALL, "--steps", "10", "--dataset", "binarized_mnist", "--levels", "2", "--ema", "--restart", "1")
+    flags = (*SMALL, "--steps", "10", "--dataset", "binarized_mnist", "--levels", "2",
+             "--ema", "--restart", "1")
     result = run_vqvae(*flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
     line = last_line(result)
@@ -84,7 +90,8 @@ def test_vqvae2_with_ema_restarts_and_a_class_conditional_prior(tmp_path):
 
 
 def test_missing_or_unreadable_stage_one_gives_one_line_errors(tmp_path):
-    missing = run_vqvae("--stage", "prior", "--vqvae", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a"))
+    missing = run_vqvae("--stage", "prior", "--vqvae", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "a"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
     assert "no stage-one checkpoint" in missing.stderr
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
@@ -97,9 +104,10 @@ def test_missing_or_unreadable_stage_one_gives_one_line_errors(tmp_path):
 
 @needs_mnist
 def test_resume_is_exact_with_ema_codes_and_restarts(tmp_path):
-    base = dataclasses.replace(vqvae.Args(), dataset="mnist", steps=6, hidden=8, res_blocks=1, codebook_size=16,
-                               code_dim=4, batch_size=16, train_n=256, eval_n=20, log_every=2, ckpt_every=100,
-                               ema=True, restart=1.0, data_dir=data_dir(), device="cpu")
+    base = dataclasses.replace(vqvae.Args(), dataset="mnist", steps=6, hidden=8, res_blocks=1,
+                               codebook_size=16, code_dim=4, batch_size=16, train_n=256, eval_n=20,
+                               log_every=2, ckpt_every=100, ema=True, restart=1.0, data_dir=data_dir(),
+                               device="cpu")
     vqvae.train(dataclasses.replace(base, out=str(tmp_path / "straight")))
     vqvae.train(dataclasses.replace(base, steps=3, out=str(tmp_path / "split")))
     vqvae.train(dataclasses.replace(base, out=str(tmp_path / "split"), resume=True))

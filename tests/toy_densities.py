@@ -1,8 +1,8 @@
 """The exact log-densities of common.py's 2D toy sets, and the quadrature of their differential entropies.
 
 They derive and verify the constants common.TOY_ENTROPY (and so every "KL to data" figure: test NLL minus
-the entropy); the runtime module keeps only the samplers and the constants. tests/test_toy.py checks them against
-histograms of the samplers, closed forms and each other."""
+the entropy); the runtime module keeps only the samplers and the constants. tests/test_toy.py checks them
+against histograms of the samplers, closed forms and each other."""
 
 import math
 
@@ -10,19 +10,21 @@ import numpy as np
 import torch
 
 from common import (CIRCLES_RADII, CIRCLES_STD, GAUSS8_STD, MOONS_STD, PIN_CLASSES, PIN_RADIAL_STD, PIN_RATE,
-                    PIN_SCALE, PIN_TANGENTIAL_STD, SWISS_STD, SWISS_T_RANGE, _check, _gauss8_centers, _moon_centers,
-                    _swiss_centers)
+                    PIN_SCALE, PIN_TANGENTIAL_STD, SWISS_STD, SWISS_T_RANGE, _check, _gauss8_centers,
+                    _moon_centers, _swiss_centers)
 
 MOONS_PANELS = 64  # composite 8-point Gauss-Legendre panels per moon over t in [0, pi]
 SWISS_PANELS = 192  # composite 8-point Gauss-Legendre panels over t
-PIN_GRID = 1024  # psi-cells per 2 pi for the root search; only a root pair inside one cell at a fold (next to a
+# psi-cells per 2 pi for the root search; only a root pair inside one cell at a fold (next to a
 # caustic, mass ~1e-8) can be missed; 1024 vs 16384 cells agree to 1e-12 in log p at samples and |x| <= 12
+PIN_GRID = 1024
 PIN_BISECT_STEPS = 40  # cell width 2 pi / 1024 -> root located to ~6e-15 rad
 PIN_RHO_MAX = 6.5  # beyond |x| = 13 every preimage has p_F < exp(-168): returned as density 0 (log = -inf)
 _CHUNK = 4096
 _GL_NODES = 8
 TOY_QUAD_HALF_WIDTH: dict[str, float] = {
-    "8gaussians": 6.5, "checkerboard": 4.0, "two_moons": 5.0, "swissroll": 5.0, "pinwheel": 7.0, "circles": 5.5,
+    "8gaussians": 6.5, "checkerboard": 4.0, "two_moons": 5.0, "swissroll": 5.0, "pinwheel": 7.0,
+    "circles": 5.5,
 }
 
 
@@ -61,7 +63,8 @@ def _swiss_log_prob(x: torch.Tensor, panels: int = SWISS_PANELS) -> torch.Tensor
 
 def _circles_log_prob(x: torch.Tensor) -> torch.Tensor:
     # ring density: angular average of N(x; R(cos a, sin a), s^2 I) = exp(-(r^2 + R^2) / 2 s^2) I0(r R / s^2)
-    # / (2 pi s^2); stably log I0(a) - a = log i0e(a), so log p = -(r - R)^2 / 2 s^2 + log i0e(r R / s^2) - ...
+    # / (2 pi s^2); stably log I0(a) - a = log i0e(a), so
+    # log p = -(r - R)^2 / 2 s^2 + log i0e(r R / s^2) - ...
     r, s2 = x.norm(dim=1, keepdim=True), CIRCLES_STD**2
     radii = torch.tensor(CIRCLES_RADII, dtype=torch.float64)
     log_ring = -(r - radii).pow(2) / (2 * s2) + torch.log(torch.special.i0e(r * radii / s2))
@@ -69,7 +72,8 @@ def _circles_log_prob(x: torch.Tensor) -> torch.Tensor:
 
 
 def _checkerboard_log_prob(x: torch.Tensor) -> torch.Tensor:
-    # support: closed squares [2i, 2i+2] x [2j, 2j+2], i, j in {-2..1}, i + j even (from FFJORD's construction)
+    # support: closed squares [2i, 2i+2] x [2j, 2j+2], i, j in {-2..1}, i + j even
+    # (from FFJORD's construction)
     u = x / 2
     inside = torch.zeros(len(x), dtype=torch.bool)
     for i in (torch.floor(u[:, 0]), torch.ceil(u[:, 0]) - 1):
@@ -80,8 +84,8 @@ def _checkerboard_log_prob(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pinwheel_level(psi: torch.Tensor, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    # f = rho (cos psi, sin psi) maps to polar angle psi - phi(f); phi = 2 pi k/5 + 0.25 e^r, so a root for some
-    # class k is a psi where (psi - 0.25 e^(rho cos psi) - theta) / (2 pi / 5) is an integer
+    # f = rho (cos psi, sin psi) maps to polar angle psi - phi(f); phi = 2 pi k/5 + 0.25 e^r, so a root for
+    # some class k is a psi where (psi - 0.25 e^(rho cos psi) - theta) / (2 pi / 5) is an integer
     return (psi - PIN_RATE * torch.exp(rho * torch.cos(psi)) - theta) / (2 * math.pi / PIN_CLASSES)
 
 
