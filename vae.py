@@ -9,6 +9,9 @@ importance-sampled log-likelihood (k = 1000).
     python vae.py --dataset binarized_mnist            # 10 epochs of the 784-400-20 MLP
     python vae.py --dataset cifar10 --arch conv --latent 128
     python vae.py --dataset binarized_mnist --kl-warmup 10000 --free-bits 0.25   # posterior-collapse remedies
+    python vae.py --prior vamp                         # VampPrior, 500 pseudo-inputs (Tomczak & Welling 2018)
+    python vae.py --prior mog                          # a learned mixture of 500 Gaussians as the prior
+    python vae.py --objective wae --latent 8           # WAE-MMD (Tolstikhin et al. 2018), lambda = 10
     torchrun --nproc_per_node=2 vae.py --dataset binarized_mnist
 
 Likelihoods: Bernoulli for binarized MNIST (nats), a discretized logistic per pixel for 8-bit data
@@ -16,13 +19,27 @@ Likelihoods: Bernoulli for binarized MNIST (nats), a discretized logistic per pi
 
 Posterior-collapse remedies of the lecture, as flags: KL warm-up (--kl-warmup), free bits (--free-bits,
 Kingma et al. 2016), a committed minimum rate (--min-rate, delta-VAE, Razavi et al. 2019) and aggressive
-inference-network training (--aggressive, He et al. 2019).
+inference-network training (--aggressive, He et al. 2019). And the lecture's two remedies that change what
+the KL is matched to:
+- Expressive priors (--prior): a mixture of K Gaussians with learned means and variances, or the VampPrior
+  p(z) = (1/K) sum_k q(z | u_k) with K learned pseudo-inputs u_k (Tomczak & Welling 2018, Eq. 9). The KL to a
+  mixture has no closed form: the ELBO then uses its one-sample Monte Carlo estimate log q(z|x) - log p(z)
+  (logged as kl_mc), and the importance-sampled log p(x) uses the mixture's log-density.
+- Matching the aggregated posterior (--objective wae): the Wasserstein auto-encoder's WAE-MMD objective
+  (Tolstikhin et al. 2018, Algorithm 2), a reconstruction cost plus lambda MMD(q(z), p(z)) between the codes
+  of a batch and draws of N(0, I), with the inverse multiquadratic kernel summed over seven scales. The test
+  log-likelihood is still the importance-sampled one, with the Gaussian encoder as the proposal.
 
 Deviations from the paper:
 - MLP: the 400-unit, 20-latent ReLU network of the PyTorch example, not the paper's 500 tanh units, and Adam
   (lr 1e-3, batch 128) instead of Adagrad with weight decay; the paper's Fig. 2 compares latent sizes instead.
 - Binarized MNIST is dynamically binarized (a fresh Bernoulli draw per batch); the paper does not say.
 - The discretized-logistic decoder for 8-bit data and the conv networks are not in the paper.
+- VampPrior: no warm-up and the one-layer MLP VAE (the paper: warm-up over 100 epochs, and also HVAE and
+  convolutional models); --prior mog initializes its means N(0, 1) and unit variances (ours).
+- WAE: the cost c(x, G(z)) is the decoder's -log p(x|z) with a Gaussian encoder (the paper: squared error
+  with a deterministic encoder on MNIST), so the model keeps a likelihood to report; no --prior, warm-up or
+  other collapse remedy with it.
 
 Expected result: README.md's likelihood tables, rows vae-bmnist (this command; about 97 nats),
 vae-long-bmnist, vae-mnist and the two toys, each with its command, wall time and figure
@@ -57,6 +74,11 @@ class Args:
     min_rate: float = 0.0  # delta-VAE: posterior variance bounded so every KL_j >= min_rate nats
                            # (0: off); >= 0
     aggressive: bool = False  # He et al. 2019: train the encoder to convergence before each decoder step
+    prior: Literal["normal", "mog", "vamp"] = "normal"  # p(z): N(0, I), a learned Gaussian mixture, or the
+                                                        # VampPrior (Tomczak & Welling 2018)
+    components: int = 500  # mixture components or VampPrior pseudo-inputs (Tomczak & Welling: 500); >= 1
+    objective: Literal["elbo", "wae"] = "elbo"  # elbo: the VAE; wae: WAE-MMD (Tolstikhin et al. 2018)
+    wae_lambda: float = 10.0  # WAE: weight lambda of the MMD penalty (paper, MNIST: 10); >= 0
     eval_k: int = 1000  # importance samples for the final test log-likelihood; >= 1
     eval_n: int = 0  # test examples to evaluate (0: all); >= 0
     eval_every: int = 0  # steps between test evaluations (0: once per epoch); >= 0
@@ -167,6 +189,49 @@ def max_logvar_for_rate(rate: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Priors beyond N(0, I): a Gaussian mixture and the VampPrior; the KL to them by Monte Carlo
+# ----------------------------------------------------------------------------------------------------------
+def log_mixture(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    # log p(z) = log (1/K) sum_k N(z; mu_k, diag(exp(logvar_k))): z (..., d), mu and logvar (K, d) -> (...)
+    return torch.logsumexp(log_normal_logvar(z[..., None, :], mu, logvar), dim=-1) - math.log(len(mu))
+
+
+def kl_monte_carlo(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_prior: torch.Tensor):
+    # KL(q(z|x) || p(z)) = E_q[log q(z|x) - log p(z)]: with no closed form for a mixture prior, the one-sample
+    # estimate at the z ~ q(z|x) the ELBO uses, unbiased; (B,)
+    return log_normal_logvar(z, mu, logvar) - log_prior
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wasserstein auto-encoder: match the aggregated posterior q(z) = E_x q(z|x) to p(z) with an MMD penalty
+# ----------------------------------------------------------------------------------------------------------
+MMD_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # multiples of C = 2 d sigma^2 (the WAE authors' code)
+
+
+def imq_kernel(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    # Tolstikhin et al. 2018, Sec. 4: the inverse multiquadratic kernel k(x, y) = C / (C + ||x - y||^2);
+    # (n, m) for a (n, d) and b (m, d)
+    return c / (c + (a[:, None] - b[None]).pow(2).sum(-1))
+
+
+def mmd_unbiased(z_q: torch.Tensor, z_p: torch.Tensor, scales: tuple[float, ...] = MMD_SCALES):
+    """Unbiased estimate of MMD^2 between the distributions of the rows of z_q and z_p, (n, d) each, summed
+    over kernel scales C = 2 d s (prior N(0, I), sigma^2 = 1), as in the WAE authors' code.
+
+    Gretton et al. 2012, Eq. 3 (the U-statistic), Tolstikhin et al. 2018, Algorithm 2:
+        MMD^2 = 1/(n(n-1)) sum_{i != j} [k(q_i, q_j) + k(p_i, p_j)] - 2/n^2 sum_{i, j} k(q_i, p_j).
+    """
+    n, d = z_q.shape
+    off_diagonal = 1 - torch.eye(n, device=z_q.device, dtype=z_q.dtype)
+    mmd = z_q.new_zeros(())
+    for s in scales:
+        c = 2 * d * s
+        within = (imq_kernel(z_q, z_q, c) + imq_kernel(z_p, z_p, c)) * off_diagonal
+        mmd = mmd + within.sum() / (n * (n - 1)) - 2 * imq_kernel(z_q, z_p, c).mean()
+    return mmd
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------------
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -204,10 +269,11 @@ class ConvDecoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """Encoder q(z|x), decoder p(x|z), prior N(0, I). `forward` returns the training loss (for DDP)."""
+    """Encoder q(z|x), decoder p(x|z), prior p(z): N(0, I), a Gaussian mixture with learned means and
+    variances ("mog"), or the VampPrior ("vamp"). `forward` returns the training loss (for DDP)."""
 
     def __init__(self, shape: tuple[int, ...], likelihood: str, arch: str = "mlp", hidden: int = 400,
-                 latent: int = 20, min_rate: float = 0.0):
+                 latent: int = 20, min_rate: float = 0.0, prior: str = "normal", components: int = 500):
         super().__init__()
         self.shape, self.likelihood, self.latent = tuple(shape), likelihood, latent
         self.log_px_given_z, self.params_per_dim = LIKELIHOODS[likelihood]
@@ -223,6 +289,17 @@ class VAE(nn.Module):
         else:
             raise ValueError(f"--arch conv needs images with sides divisible by 4, not shape {shape}")
         self.max_logvar = max_logvar_for_rate(min_rate) if min_rate > 0 else None
+        self.prior = prior
+        # a mixture of K Gaussians, means and log-variances learned (our init: N(0, 1) means, unit variances)
+        if prior == "mog":
+            self.prior_mu = nn.Parameter(torch.randn(components, latent))
+            self.prior_logvar = nn.Parameter(torch.zeros(components, latent))
+        elif prior == "vamp":
+            # Tomczak & Welling 2018, Eq. 9: p(z) = (1/K) sum_k q(z | u_k) with K learned pseudo-inputs u_k
+            # (initialized N(0.05, 0.01^2) per pixel, as in the authors' code)
+            self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(components, *shape))
+        elif prior != "normal":
+            raise ValueError(f"unknown prior {prior!r}: normal, mog or vamp")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, *shape) -> mu, logvar, each (B, latent)."""
@@ -237,19 +314,56 @@ class VAE(nn.Module):
         h = self.decoder(z.flatten(0, -2))
         return h.reshape(*z.shape[:-1], self.params_per_dim, -1)
 
-    def forward(self, x: torch.Tensor, kl_weight: float = 1.0, free_bits: float = 0.0):
+    def prior_components(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mu, logvar), each (K, latent), of a mixture prior; None for N(0, I)."""
+        if self.prior == "mog":
+            return self.prior_mu, self.prior_logvar
+        if self.prior == "vamp":
+            # the posteriors at the pseudo-inputs; images keep theirs in [0, 1] (hardtanh, the authors' code)
+            u = self.pseudo_inputs
+            return self.encode(u if self.likelihood == "gaussian" else F.hardtanh(u, 0.0, 1.0))
+        return None
+
+    def log_prior(self, z: torch.Tensor, components: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """log p(z) (...,) for z (..., latent); `components` spares encoding the VampPrior's pseudo-inputs."""
+        components = components or self.prior_components()
+        return log_normal_logvar(z) if components is None else log_mixture(z, *components)
+
+    def sample_prior(self, n: int) -> torch.Tensor:
+        """n draws (n, latent) of p(z): pick a component uniformly, then draw from it."""
+        components = self.prior_components()
+        device = next(self.parameters()).device
+        if components is None:
+            return torch.randn(n, self.latent, device=device)
+        mu, logvar = components
+        k = torch.randint(len(mu), (n,), device=device)
+        return reparameterize(mu[k], logvar[k])
+
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0, free_bits: float = 0.0,
+                wae_lambda: float | None = None):
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar)
         rec = self.log_px_given_z(x.flatten(1), self.decode(z))  # (B,) log p(x|z), one sample
-        kl = gaussian_kl(mu, logvar)  # (B, latent)
+        if self.prior == "normal":
+            kl_j = gaussian_kl(mu, logvar)  # (B, latent), closed form
+            kl = kl_j.sum(1)
+        else:  # no closed form to a mixture: the one-sample Monte Carlo KL at the same z
+            kl = kl_monte_carlo(z, mu, logvar, self.log_prior(z))
         # Kingma & Welling 2013, Eq. 10: ELBO = -KL(q(z|x) || p(z)) + log p(x|z), z ~ q(z|x)
-        elbo = rec - kl.sum(1)
-        if free_bits > 0:  # Kingma et al. 2016, free bits: sum_j max(lambda, E_batch[KL_j])
-            kl_term = kl.mean(0).clamp(min=free_bits).sum()
+        elbo = rec - kl
+        kl_name = "kl" if self.prior == "normal" else "kl_mc"  # logged under its own name when estimated
+        metrics = {"nelbo": -elbo.mean(), "rec": -rec.mean(), kl_name: kl.mean()}
+        if wae_lambda is not None:
+            # Tolstikhin et al. 2018, Eq. 4 and Algorithm 2 (WAE-MMD): a reconstruction cost plus lambda times
+            # the MMD between the codes of the batch, samples of q(z) = E_x q(z|x), and samples of p(z)
+            mmd = mmd_unbiased(z, self.sample_prior(len(z)))
+            loss = -rec.mean() + wae_lambda * mmd
+            metrics["mmd"] = mmd
+        elif free_bits > 0:  # Kingma et al. 2016, free bits: sum_j max(lambda, E_batch[KL_j])
+            loss = -rec.mean() + kl_weight * kl_j.mean(0).clamp(min=free_bits).sum()
         else:
-            kl_term = kl.sum(1).mean()
-        loss = -rec.mean() + kl_weight * kl_term
-        return loss, {"loss": loss, "nelbo": -elbo.mean(), "rec": -rec.mean(), "kl": kl.sum(1).mean()}
+            loss = -rec.mean() + kl_weight * kl.mean()
+        return loss, {"loss": loss, **metrics}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +371,8 @@ class VAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 def importance_weighted_log_px(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                                log_px_given_z: Callable[[torch.Tensor], torch.Tensor], k: int,
-                               chunk: int | None = None) -> torch.Tensor:
+                               chunk: int | None = None,
+                               log_prior: Callable[[torch.Tensor], torch.Tensor] = log_normal_logvar):
     """log p(x) ~ log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x): (B,), vectorized over samples.
 
     Burda et al. 2016, Eq. 8 (the IWAE bound L_k; k = 1 is the ELBO). `log_px_given_z` maps z (S, B, d) to
@@ -267,7 +382,7 @@ def importance_weighted_log_px(x: torch.Tensor, mu: torch.Tensor, logvar: torch.
     log_w = []
     for start in range(0, k, chunk):
         z = reparameterize(mu, logvar, samples=min(chunk, k - start))  # (S, B, d)
-        log_w.append(log_px_given_z(z) + log_normal_logvar(z) - log_normal_logvar(z, mu, logvar))  # (S, B)
+        log_w.append(log_px_given_z(z) + log_prior(z) - log_normal_logvar(z, mu, logvar))  # (S, B)
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
 
 
@@ -292,15 +407,19 @@ def evaluate(model: VAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) -> 
     """Test ELBO, KL, active units and mutual information; with k > 0 also the importance-sampled log p(x)."""
     sums = {"elbo": 0.0, "kl": 0.0, "log_px": 0.0}
     mus, logvars = [], []
+    components = model.prior_components()  # once: the VampPrior encodes its pseudo-inputs
     for xb in common.progress(x.split(batch_size),
                               f"test ELBO, {len(x):,} images" + (f" x k = {k}" if k else ""), len(x)):
         xb_flat = xb.flatten(1)
         mu, logvar = model.encode(xb)
         mus.append(mu), logvars.append(logvar)
-        kl = gaussian_kl(mu, logvar).sum(1)
+        z = reparameterize(mu, logvar)
+        if components is None:
+            kl = gaussian_kl(mu, logvar).sum(1)
+        else:  # a mixture prior: the Monte Carlo KL at the ELBO's z
+            kl = kl_monte_carlo(z, mu, logvar, model.log_prior(z, components))
         sums["kl"] += kl.sum().item()
-        sums["elbo"] += (model.log_px_given_z(xb_flat, model.decode(reparameterize(mu, logvar)))
-                         - kl).sum().item()
+        sums["elbo"] += (model.log_px_given_z(xb_flat, model.decode(z)) - kl).sum().item()
         if k:
             for i in range(0, len(xb), max(1, ROWS_PER_CHUNK // k)):  # images per chunk of decoder rows
                 sl = slice(i, i + max(1, ROWS_PER_CHUNK // k))
@@ -309,8 +428,8 @@ def evaluate(model: VAE, x: torch.Tensor, k: int = 0, batch_size: int = 500) -> 
                     return model.log_px_given_z(xs, model.decode(z))
 
                 sums["log_px"] += importance_weighted_log_px(
-                    xb_flat[sl], mu[sl], logvar[sl], log_px_given_z, k,
-                    chunk=min(k, ROWS_PER_CHUNK)).sum().item()
+                    xb_flat[sl], mu[sl], logvar[sl], log_px_given_z, k, chunk=min(k, ROWS_PER_CHUNK),
+                    log_prior=lambda z: model.log_prior(z, components)).sum().item()
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     n = len(x)
     metrics = {"elbo": sums["elbo"] / n, "kl": sums["kl"] / n, "active_units": active_units(mu),
@@ -343,8 +462,8 @@ def report(metrics: dict[str, float], data: common.Data) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample(model: VAE, n: int, mean: bool = True) -> torch.Tensor:
-    """z ~ N(0, I), then E[x|z] (mean=True, the usual picture) or x ~ p(x|z). Returns (n, *shape)."""
-    z = torch.randn(n, model.latent, device=next(model.parameters()).device)
+    """z ~ p(z), then E[x|z] (mean=True, the usual picture) or x ~ p(x|z). Returns (n, *shape)."""
+    z = model.sample_prior(n)
     params = model.decode(z)
     if mean:
         x = decoder_mean(model.likelihood, params)
@@ -414,8 +533,27 @@ def evaluate_and_draw(run: common.Run, model: VAE, data: common.Data, args: Args
     with common.eval_mode(model, seed=args.seed):
         metrics = report(evaluate(model, x, k), data)
         draw_pictures(model, data, run)
-    run.log("test", step, metrics, note=f"iwae k={k}" if k else "elbo")
+    note = f"iwae k={k}" if k else "elbo"
+    if model.prior != "normal":
+        note += f", {args.prior} prior: KL by Monte Carlo"
+    if args.objective == "wae":
+        note += ", a WAE-MMD model"
+    run.log("test", step, metrics, note=note)
     return metrics
+
+
+def check_options(args: Args) -> None:
+    """Combinations that have no meaning, refused before any data is read."""
+    if args.prior != "normal" and (args.free_bits or args.min_rate):
+        raise common.RunError(f"--free-bits and --min-rate bound the KL to N(0, I) per dimension; with "
+                              f"--prior {args.prior} the KL has no per-dimension closed form")
+    if args.objective == "wae":
+        clash = [flag for flag, on in (("--prior", args.prior != "normal"), ("--kl-warmup", args.kl_warmup),
+                                       ("--free-bits", args.free_bits), ("--min-rate", args.min_rate),
+                                       ("--aggressive", args.aggressive)) if on]
+        if clash:
+            raise common.RunError(f"--objective wae matches q(z) to N(0, I) by MMD; it takes no "
+                                  f"{', '.join(clash)}")
 
 
 # data kind -> p(x|z)
@@ -423,10 +561,11 @@ LIKELIHOOD_OF = {"binary": "bernoulli", "8bit": "discretized_logistic", "toy": "
 
 
 def train(args: Args) -> dict:
+    check_options(args)
     dist, device = common.setup(args)
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
-    model = VAE(data.shape, LIKELIHOOD_OF[data.kind], args.arch, args.hidden, args.latent,
-                args.min_rate).to(device)
+    model = VAE(data.shape, LIKELIHOOD_OF[data.kind], args.arch, args.hidden, args.latent, args.min_rate,
+                args.prior, args.components).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "vae", dist, model, optimizer)
     run.state.update(aggressive=args.aggressive, best_mi=-math.inf)
@@ -436,7 +575,9 @@ def train(args: Args) -> dict:
                              binarize=data.dynamic_binarization)
     total = args.steps or args.epochs * batches.steps_per_epoch
     eval_every = args.eval_every or batches.steps_per_epoch
+    wae_lambda = args.wae_lambda if args.objective == "wae" else None
     run.print(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {data.name} {data.shape}, "
+              f"{args.objective}, {args.prior} prior, "
               f"{total} steps of {args.batch_size} x {dist.world_size}, device {device}")
 
     for step in run.steps(start, total, args.batch_size * dist.world_size):
@@ -445,7 +586,7 @@ def train(args: Args) -> dict:
         if run.state["aggressive"]:
             aggressive_encoder_steps(ddp, model, optimizer, batches, args, kl_weight, dist)
         with common.autocast(device, args.amp):
-            loss, metrics = ddp(x, kl_weight, args.free_bits)
+            loss, metrics = ddp(x, kl_weight, args.free_bits, wae_lambda)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run.state["aggressive"]:  # He et al. 2019, Algorithm 1, line 8: then one decoder step

@@ -214,3 +214,104 @@ def test_mutual_information_is_zero_when_the_encoder_ignores_x():
 def test_active_units_count_the_dimensions_the_encoder_uses():
     mu = torch.cat([torch.randn(1000, 3), 0.01 * torch.randn(1000, 2)], dim=1)
     assert vae.active_units(mu) == 3
+
+
+# ------------------------------------------------------------------------------------------ mixture priors
+def test_mixture_log_density_integrates_to_one_in_2d():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(3, 2), torch.randn(3, 2) * 0.5 - 0.5
+    n, lim = 600, 9.0
+    edges = torch.linspace(-lim, lim, n + 1)
+    centres = (edges[1:] + edges[:-1]) / 2
+    grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
+    mass = vae.log_mixture(grid, mu, logvar).exp().sum() * (2 * lim / n) ** 2  # midpoint rule
+    assert mass.item() == pytest.approx(1.0, abs=1e-6)
+    one = vae.log_mixture(grid[:5], mu[:1], logvar[:1])  # one component: the Gaussian itself
+    assert torch.allclose(one, vae.log_normal_logvar(grid[:5], mu[0], logvar[0]))
+
+
+def test_monte_carlo_kl_is_unbiased_against_the_closed_form():
+    torch.manual_seed(0)
+    mu_q, logvar_q = torch.randn(4, 3), torch.randn(4, 3) * 0.3
+    mu_p, logvar_p = torch.randn(1, 3), torch.randn(1, 3) * 0.3  # a one-component "mixture": closed form
+    z = vae.reparameterize(mu_q, logvar_q, samples=200_000)  # (S, 4, 3)
+    estimate = vae.kl_monte_carlo(z, mu_q, logvar_q, vae.log_mixture(z, mu_p, logvar_p))  # (S, 4)
+    var_q, var_p = logvar_q.exp(), logvar_p.exp()
+    exact = 0.5 * (logvar_p - logvar_q + (var_q + (mu_q - mu_p) ** 2) / var_p - 1).sum(-1)
+    stderr = estimate.std(0) / math.sqrt(len(estimate))
+    assert ((estimate.mean(0) - exact).abs() < 4 * stderr).all()
+    assert (stderr < 0.01).all()  # the check has teeth: an error of a few hundredths would fail it
+
+
+@pytest.mark.parametrize("prior", ["mog", "vamp"])
+def test_mixture_prior_is_the_mean_of_its_components_and_samples_from_it(prior):
+    torch.manual_seed(0)
+    model = vae.VAE((1, 2, 2), "bernoulli", hidden=8, latent=2, prior=prior, components=3)
+    mu, logvar = model.prior_components()  # VampPrior: the encoder's posteriors at the pseudo-inputs
+    if prior == "vamp":
+        expected_mu, expected_logvar = model.encode(torch.nn.functional.hardtanh(model.pseudo_inputs, 0, 1))
+        assert torch.allclose(mu, expected_mu) and torch.allclose(logvar, expected_logvar)
+    z = torch.randn(7, 2)
+    brute = torch.stack([vae.log_normal_logvar(z, mu[k], logvar[k]).exp() for k in range(3)]).mean(0).log()
+    assert torch.allclose(model.log_prior(z), brute)
+    draws = model.sample_prior(200_000).detach()
+    assert torch.allclose(draws.mean(0), mu.mean(0).detach(), atol=0.02)  # the mixture's mean
+
+
+def test_mixture_prior_elbo_uses_the_monte_carlo_kl_and_iwae_bounds_it():
+    torch.manual_seed(0)
+    model = vae.VAE((1, 4, 4), "bernoulli", hidden=16, latent=3, prior="mog", components=4)
+    x = torch.bernoulli(torch.full((64, 1, 4, 4), 0.3))
+    torch.manual_seed(1)
+    loss, metrics = model(x)
+    torch.manual_seed(1)
+    mu, logvar = model.encode(x)
+    z = vae.reparameterize(mu, logvar)
+    rec = model.log_px_given_z(x.flatten(1), model.decode(z))
+    kl = vae.kl_monte_carlo(z, mu, logvar, model.log_prior(z))
+    assert loss.item() == pytest.approx((kl - rec).mean().item(), rel=1e-12)
+    assert metrics["kl_mc"].item() == pytest.approx(kl.mean().item(), rel=1e-12)  # named as an estimate
+    torch.manual_seed(2)
+    result = vae.evaluate(model, x, k=2000)
+    assert result["log_px"] >= result["elbo"] - 0.05  # L_k rises with k towards log p(x)
+
+
+# ---------------------------------------------------------------------------------------------- WAE
+def brute_force_mmd(a, b, scales):
+    n, d, total = len(a), a.shape[1], 0.0
+    for s in scales:
+        c = 2 * d * s
+        k = lambda u, v: c / (c + ((u - v) ** 2).sum().item())  # noqa: E731
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+        total += sum(k(a[i], a[j]) + k(b[i], b[j]) for i, j in pairs) / (n * (n - 1))
+        total -= 2 * sum(k(a[i], b[j]) for i in range(n) for j in range(n)) / n**2
+    return total
+
+
+def test_mmd_matches_the_double_sum_and_separates_distributions():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 3), torch.randn(6, 3) + 0.5
+    assert vae.mmd_unbiased(a, b).item() == pytest.approx(brute_force_mmd(a, b, vae.MMD_SCALES), rel=1e-10)
+    assert vae.mmd_unbiased(a, b, (1.0,)).item() == pytest.approx(brute_force_mmd(a, b, (1.0,)), rel=1e-10)
+    # one distribution: unbiased, so the average over many small batches is 0 (the V-statistic with the
+    # diagonal kept would be biased upwards by about 2 / n per scale)
+    same = torch.stack([vae.mmd_unbiased(torch.randn(8, 2), torch.randn(8, 2)) for _ in range(3000)])
+    assert abs(same.mean().item()) < 4 * same.std().item() / math.sqrt(len(same))
+    shifted = vae.mmd_unbiased(torch.randn(500, 2), torch.randn(500, 2) + 1.0).item()
+    null = vae.mmd_unbiased(torch.randn(500, 2), torch.randn(500, 2)).item()
+    assert shifted > 0.1 and abs(null) < 0.02
+
+
+def test_wae_loss_is_reconstruction_plus_lambda_mmd():
+    torch.manual_seed(0)
+    model = vae.VAE((1, 4, 4), "bernoulli", hidden=16, latent=3)
+    x = torch.bernoulli(torch.full((32, 1, 4, 4), 0.3))
+    torch.manual_seed(1)
+    loss, metrics = model(x, wae_lambda=10.0)
+    torch.manual_seed(1)
+    mu, logvar = model.encode(x)
+    z = vae.reparameterize(mu, logvar)
+    rec = model.log_px_given_z(x.flatten(1), model.decode(z))
+    mmd = vae.mmd_unbiased(z, model.sample_prior(len(z)))
+    assert loss.item() == pytest.approx((-rec.mean() + 10.0 * mmd).item(), rel=1e-12)
+    assert metrics["mmd"].item() == pytest.approx(mmd.item(), rel=1e-12)
