@@ -25,6 +25,9 @@ Fashion-MNIST (skipped with a note when its files are absent); samples.png shows
 samples_fresh.png fresh chains from noise, and for JEM samples_by_class.png class-conditional chains on
 E(x|y) = -f(x)[y]. With --compose, compose.png samples a sum of energies: two class energies (JEM, Du &
 Mordatch Sec. 4.3's product of experts) or, in 2D, the model's energy plus the constraint w * relu(-x_2)^2.
+Robustness (JEM Sec. 5.4): the classifier's test accuracy under L-inf and L2 PGD attacks (Madry et al. 2018;
+--pgd-steps steps from a random start, radii --pgd-linf and --pgd-l2 in [0, 1] pixel units, first --pgd-n
+test images), logged as acc_linf_<eps> and acc_l2_<eps> beside accuracy, ECE and AUROC.
 
 Deviations from the papers:
 - Networks: a 4-layer SiLU CNN (or an MLP) on 28 x 28 images instead of JEM's Wide-ResNet-28-10 and Du &
@@ -91,6 +94,10 @@ class Args:
     compose_weight: float = 10.0  # 2D: weight w of the constraint energy w * relu(-x_2)^2; >= 0
     sample_steps: int = 100  # SGLD steps of the fresh chains drawn for the pictures; >= 0
     ood: tuple[str, ...] = ("noise", "fashion_mnist")  # images: OOD sets scored against the test set
+    pgd_linf: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)  # JEM: L-inf PGD radii, [0, 1] pixel units; > 0
+    pgd_l2: tuple[float, ...] = (0.5, 1.0, 2.0)  # JEM: L2 PGD radii, [0, 1] pixel units; > 0
+    pgd_steps: int = 20  # JEM: PGD steps per attack (0: no robustness evaluation); >= 0
+    pgd_n: int = 1000  # JEM: test images attacked (0: all evaluated); >= 0
     eval_n: int = 0  # test examples to evaluate (0: all); >= 0
     eval_every: int = 0  # steps between test evaluations (0: only at the end); >= 0
     log_every: int = 100  # steps between log lines (and divergence checks); >= 1
@@ -108,9 +115,10 @@ class Args:
 
 
 QUICK = dict(steps=20, batch_size=32, sgld_steps=5, buffer_size=500, eval_n=200, eval_every=0, log_every=10,
-             ckpt_every=20, sample_steps=10, grid_n=100, ood=("noise",))
+             ckpt_every=20, sample_steps=10, grid_n=100, ood=("noise",), pgd_steps=3, pgd_n=50)
 # fields that only change evaluation, pictures or the divergence check: they may change on --resume
-RESUMABLE = ("max_energy", "compose", "compose_classes", "compose_weight", "sample_steps", "ood", "grid_n")
+RESUMABLE = ("max_energy", "compose", "compose_classes", "compose_weight", "sample_steps", "ood", "grid_n",
+             "pgd_linf", "pgd_l2", "pgd_steps", "pgd_n")
 NUM_CLASSES = 10
 ECE_BINS = 15  # Guo et al. 2017 and JEM use 15 equal-width confidence bins
 
@@ -325,6 +333,48 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Adversarial robustness of the classifier: projected gradient descent (JEM Sec. 5.4)
+# ----------------------------------------------------------------------------------------------------------
+def pgd_attack(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+               eps: float, norm: str, steps: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+    """Projected gradient ascent on the classifier's cross-entropy (Madry et al. 2018, Eq. 2.1 and Sec. 3):
+    from a random point of the ball, `steps` steps of 2.5 eps / steps along the sign of the gradient (L-inf)
+    or the normalized gradient (L2), each projected back onto the eps-ball around x and the box [lo, hi]."""
+    step = 2.5 * eps / steps  # Madry et al.: 2.5 eps / steps, so a path can cross the whole ball
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    if norm == "linf":
+        delta = (2 * torch.rand_like(x) - 1) * eps
+    else:  # a uniform random direction at a random radius
+        delta = torch.randn_like(x)
+        radius = eps * torch.rand(len(x), device=x.device).view(shape)
+        delta = delta / delta.flatten(1).norm(dim=1).view(shape) * radius
+    delta = (x + delta).clamp(lo, hi) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits_fn(x + delta), y, reduction="sum"), delta)
+        with torch.no_grad():
+            if norm == "linf":
+                delta = (delta + step * grad.sign()).clamp(-eps, eps)
+            else:  # the normalized gradient step, then back into the ball
+                delta = delta + step * grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(shape)
+                delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp(min=eps)).view(shape)
+            # into the box: moving a coordinate towards x's shrinks |delta_i|, so delta stays in the ball
+            delta = (x + delta).clamp(lo, hi) - x
+    return (x + delta).detach()
+
+
+def robust_accuracy(model: EnergyModel, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, steps: int,
+                    chunk: int = 500) -> float:
+    """Test accuracy under the PGD attack of radius eps (model coordinates), chunk images at a time."""
+    correct = 0
+    for xb, yb in zip(x.split(chunk), y.split(chunk)):
+        x_adv = pgd_attack(model.logits, xb, yb, eps, norm, steps)
+        correct += (model.logits(x_adv).argmax(1) == yb).sum().item()
+    return correct / len(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------------------
 def to_model(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -389,6 +439,14 @@ def evaluate_images(model: EnergyModel, buffer: ReplayBuffer, data: common.Data,
         metrics["accuracy"] = (logits.argmax(1) == y).double().mean().item()
         metrics["ece"] = expected_calibration_error(logits.softmax(1), y)
     notes = []
+    if model.jem and args.pgd_steps:
+        n = args.pgd_n or len(x)
+        x_pgd, y_pgd = to_model(x[:n], data.kind), data.test_y[:n]
+        for norm, radii in (("linf", args.pgd_linf), ("l2", args.pgd_l2)):
+            for eps in radii:  # the model sees [-1, 1], twice the [0, 1] pixel scale the radii are given in
+                metrics[f"acc_{norm}_{eps:g}"] = robust_accuracy(model, x_pgd, y_pgd, 2 * eps, norm,
+                                                                  args.pgd_steps)
+        notes.append(f"PGD-{args.pgd_steps} accuracy on {n} images, radii in [0, 1] pixel units")
     for name in args.ood:
         if name == "noise":  # uniform noise images, as many as the test images
             x_ood = torch.rand(len(x), *data.shape, device=x.device)

@@ -285,3 +285,46 @@ def test_spectral_norm_bounds_each_layers_largest_singular_value():
     for layer in net.net:
         if isinstance(layer, torch.nn.Linear):
             assert abs(torch.linalg.matrix_norm(layer.weight, 2).item() - 1) < 1e-3
+
+
+# -- adversarial robustness: PGD stays in its ball and box and finds the worst case of a linear model -------
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_stays_in_its_ball_and_box_and_raises_the_loss(norm):
+    torch.manual_seed(0)
+    model = ebm_jem.EnergyModel((1, 8, 8), "jem", "mlp", hidden=16)
+    x = torch.rand(64, 1, 8, 8) * 2 - 1
+    y = model.logits(x).argmax(1)  # the points it classifies right, so the loss has room to rise
+    eps = 0.3
+    x_adv = ebm_jem.pgd_attack(model.logits, x, y, eps, norm, steps=10)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-12).all() and x_adv.min() >= -1 and x_adv.max() <= 1
+    loss = torch.nn.functional.cross_entropy
+    assert loss(model.logits(x_adv), y, reduction="none").gt(loss(model.logits(x), y, reduction="none")).all()
+
+
+def test_pgd_reaches_the_closed_form_worst_case_of_a_linear_classifier():
+    """Two classes with logits W x: the loss of class 0 rises as the margin (w_0 - w_1) . x falls, so the
+    worst perturbation in the L-inf ball is -eps sign(w), in the L2 ball -eps w / ||w||, w = w_0 - w_1.
+    L-inf PGD reaches its corner exactly; L2 PGD from a random start gets within 2% of the optimal drop."""
+    torch.manual_seed(0)
+    W = torch.randn(2, 10)
+    def logits(v):
+        return v @ W.T
+    x, y, eps = torch.randn(32, 10) * 0.1, torch.zeros(32, dtype=torch.long), 0.2
+    w = W[0] - W[1]
+    box = dict(lo=-10.0, hi=10.0)  # wide: only the ball binds
+    linf = ebm_jem.pgd_attack(logits, x, y, eps, "linf", steps=20, **box)
+    torch.testing.assert_close(linf, x - eps * w.sign(), rtol=0, atol=1e-12)
+    l2 = ebm_jem.pgd_attack(logits, x, y, eps, "l2", steps=50, **box)
+    margin_drop = ((x - l2) @ w) / (eps * w.norm())  # 1 at the optimum, never above it
+    assert (margin_drop <= 1 + 1e-9).all() and (margin_drop > 0.98).all()
+
+
+def test_robust_accuracy_at_a_tiny_radius_is_the_clean_accuracy():
+    torch.manual_seed(0)
+    model = ebm_jem.EnergyModel((1, 8, 8), "jem", "mlp", hidden=16)
+    x, y = torch.rand(40, 1, 8, 8) * 2 - 1, torch.randint(10, (40,))
+    clean = (model.logits(x).argmax(1) == y).double().mean().item()
+    assert ebm_jem.robust_accuracy(model, x, y, 1e-9, "linf", 2, chunk=16) == pytest.approx(clean)
+    assert ebm_jem.robust_accuracy(model, x, y, 1.0, "linf", 10, chunk=16) < clean
