@@ -14,7 +14,7 @@ group, the residual normal posterior (Eq. 2), spectral regularization, KL warm-u
                                                         # 400 epochs
     python nvae.py --paper-cifar10                      # the paper's CIFAR-10 model without its flows (GPUs)
     python nvae.py --dataset mnist --mixtures 10        # 8-bit data: discretized logistic mixture, bits/dim
-    python nvae.py --dataset mnist --steps 700 --eval-n 500 --eval-k 20  # CPU recipe: 30 minutes, 8-bit MNIST
+    python nvae.py --dataset mnist --steps 700 --eval-n 500 --eval-k 20  # CPU recipe: 10 minutes, 8-bit MNIST
     torchrun --nproc_per_node=2 nvae.py --paper-mnist --batch-size 200
 
 Networks (Sec. 3.1, Fig. 2-3): encoder cells BN-Swish-conv3x3-BN-Swish-conv3x3-SE; generative cells
