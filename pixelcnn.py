@@ -14,6 +14,7 @@ LSTM along the diagonals in both directions (Diagonal BiLSTM). The test NLL is e
     python pixelcnn.py                                          # PixelCNN, binarized MNIST: 7 layers, h = 16
     python pixelcnn.py --arch diagbilstm                        # the paper's best MNIST model, one epoch
     python pixelcnn.py --arch rowlstm --epochs 2
+    python pixelcnn.py --arch wavenet                           # x_<k as one sequence: a causal 1D CNN
     python pixelcnn.py --arch pixelcnn --dataset cifar10        # the paper's CIFAR-10 size: 15 blocks,
                                                                 # h = 128
     torchrun --nproc_per_node=2 pixelcnn.py --arch pixelcnn
@@ -39,6 +40,13 @@ first layer keeps x_(i-1, W-1) out of every feature of row i - 1, and the shifte
 only row i - 1, so pixels (i, j) with j < W - 4 never see the last pixel of the row above. The last pixel of
 the image does depend on every earlier pixel. PixelCNN has its blind spot to the upper right;
 the Row LSTM a triangle.
+
+The one-dimensional view (--arch wavenet, the lecture's "x_<k as a one-dimensional vector"; WaveNet, van den
+Oord et al. 2016, arXiv:1609.03499): the sub-pixels in the same order form one sequence, and a stack of
+causal, dilated kernel-2 convolutions with gated residual layers and skip connections computes every
+conditional at once, with the same exact NLL. Dilations 1, 2, ..., 512 reach 1025 sub-pixels back, the whole
+of a 28 x 28 image; unlike PixelCNN it has no blind spot, but it sees pixels above only through the long
+dilations (not in the paper above; sizes ours: 10 layers, 32 channels).
 
 Sampling: the Row LSTM and the Diagonal BiLSTM carry their states pixel by pixel (one pixel of each layer per
 sub-pixel, and for the Diagonal BiLSTM one right-to-left sweep per finished row); the PixelCNN has no state
@@ -66,7 +74,8 @@ import common
 @dataclass
 class Args:
     dataset: str = "binarized_mnist"  # an image dataset (see README)
-    arch: Literal["pixelcnn", "rowlstm", "diagbilstm"] = "pixelcnn"  # which of the paper's three networks
+    arch: Literal["pixelcnn", "rowlstm", "diagbilstm", "wavenet"] = "pixelcnn"  # the paper's three networks,
+                                                                             # or a 1D causal dilated CNN
                                                                      # (the fastest)
     layers: int = 0  # residual blocks or LSTM layers (0: the paper's: 7; CIFAR-10 15 PixelCNN, 12 LSTM); >= 0
     hidden: int = 0  # h: LSTM state size; the layers carry 2h features (0: the paper's, 16 MNIST,
@@ -100,6 +109,9 @@ def paper_config(arch: str, dataset: str) -> dict:
     """Sizes of the paper's models: MNIST 7 layers with h = 16 (Table 6); CIFAR-10 12 LSTM layers or 15
     PixelCNN blocks with h = 128 (Sec. 5). The other 28 x 28 sets (8-bit MNIST, Fashion-MNIST) take the
     MNIST sizes."""
+    if arch == "wavenet":  # ours: dilations 1 .. 512 reach 1025 sub-pixels back, all of a 28 x 28 image
+        return dict(layers=10 if dataset != "cifar10" else 24, hidden=16 if dataset != "cifar10" else 64,
+                    out_hidden=32 if dataset != "cifar10" else 256)
     if dataset == "cifar10":
         return dict(layers=15 if arch == "pixelcnn" else 12, hidden=128, out_hidden=1024)
     return dict(layers=7, hidden=16, out_hidden=32)
@@ -436,6 +448,55 @@ class PixelModel(nn.Module):
         return logits.unflatten(1, (self.colors, self.levels))  # (B, C, K, H, W)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The one-dimensional view: x_<k as a sequence, a causal dilated convolution over the raster order
+# ----------------------------------------------------------------------------------------------------------
+class CausalConv1dNet(nn.Module):
+    """p(x) = prod_k p(x_k | x_<k) over the sub-pixels in raster order (row, column, then R -> G -> B), read
+    as one sequence of length H W C, as WaveNet reads audio (van den Oord et al. 2016, arXiv:1609.03499):
+    a causal kernel-2 convolution of the input shifted by one, then `layers` gated residual layers with
+    dilations 1, 2, 4, ... (cycling after 512), skip connections, ReLU + 1x1 twice, a softmax per sub-pixel.
+
+    Output k sees the inputs k - 2 - sum(dilations) .. k - 1 (`receptive_field` of them), none at or after k.
+    The colour of the sub-pixel being predicted enters as a one-hot input (it is a position, not data).
+    Same interface as PixelModel: (B, C, H, W) -> logits (B, C, levels, H, W).
+    """
+
+    recurrent = False
+
+    def __init__(self, colors: int, levels: int, layers: int = 10, hidden: int = 16, out_hidden: int = 32):
+        super().__init__()
+        self.colors, self.levels = colors, levels
+        self.dilations = [2 ** (i % 10) for i in range(layers)]
+        self.receptive_field = 2 + sum(self.dilations)
+        self.context_rows = None  # sampling reruns the whole sequence
+        c = 2 * hidden
+        self.first = nn.Conv1d(1 + colors, c, 2)  # the value at k - 1 (and k - 2), the colour of k
+        self.filters = nn.ModuleList(nn.Conv1d(c, c, 2, dilation=d) for d in self.dilations)
+        self.gates = nn.ModuleList(nn.Conv1d(c, c, 2, dilation=d) for d in self.dilations)
+        self.residuals = nn.ModuleList(nn.Conv1d(c, c, 1) for _ in self.dilations)
+        self.skips = nn.ModuleList(nn.Conv1d(c, out_hidden, 1) for _ in self.dilations)
+        self.out1 = nn.Conv1d(out_hidden, out_hidden, 1)
+        self.out2 = nn.Conv1d(out_hidden, levels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, colors, rows, width = x.shape
+        seq = x.permute(0, 2, 3, 1).reshape(b, 1, -1)  # (B, 1, H W C): raster order, colours innermost
+        n = seq.shape[-1]
+        colour = F.one_hot(torch.arange(n, device=x.device) % colors, colors).T.to(x.dtype)  # (C, n)
+        shifted = F.pad(seq, (1, 0))[..., :n]  # position k holds x_(k-1): nothing of x_k or later
+        inp = torch.cat([shifted, colour.expand(b, -1, -1)], 1)  # (B, 1 + C, n)
+        h = self.first(F.pad(inp, (1, 0)))  # causal kernel 2: taps k - 1 and k of inp
+        skip = 0
+        for f, g, res, sk, d in zip(self.filters, self.gates, self.residuals, self.skips, self.dilations):
+            u = F.pad(h, (d, 0))  # causal: output k reads k - d and k
+            # van den Oord et al. 2016 (WaveNet), Eq. 2: z = tanh(W_f * x) . sigmoid(W_g * x)
+            z = torch.tanh(f(u)) * torch.sigmoid(g(u))
+            h, skip = h + res(z), skip + sk(z)
+        logits = self.out2(F.relu(self.out1(F.relu(skip))))  # (B, K, n)
+        return logits.view(b, self.levels, rows, width, colors).permute(0, 4, 1, 2, 3)  # (B, C, K, H, W)
+
+
 def to_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
     """Pixel values k / (levels - 1) in [0, 1] -> integer classes k."""
     return (x * (levels - 1)).round().long()
@@ -547,6 +608,12 @@ def evaluate_and_draw(run: common.Run, model: PixelModel, data: common.Data, arg
 ARCHS = {"pixelcnn": ResidualBlock, "rowlstm": RowLSTM, "diagbilstm": DiagonalBiLSTM}  # --arch -> block
 
 
+def build_network(arch: str, colors: int, levels: int, layers: int, hidden: int, out_hidden: int):
+    if arch == "wavenet":
+        return CausalConv1dNet(colors, levels, layers, hidden, out_hidden)
+    return PixelModel(ARCHS[arch], colors, levels, layers, hidden, out_hidden)
+
+
 def train(args: Args) -> dict:
     if args.dataset in common.TOY_DATASETS:
         raise common.DataError(f"pixelcnn.py models images; '{args.dataset}' is a 2D toy set")
@@ -554,7 +621,7 @@ def train(args: Args) -> dict:
     data = common.load_dataset(args.dataset, args.data_dir, device, dist)
     sizes = {k: getattr(args, k) or v for k, v in paper_config(args.arch, args.dataset).items()}
     levels = 2 if data.kind == "binary" else 256
-    model = PixelModel(ARCHS[args.arch], data.shape[0], levels, **sizes).to(device)
+    model = build_network(args.arch, data.shape[0], levels, **sizes).to(device)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     if not args.out:  # the three architectures share this file, not a run folder
         args = dataclasses.replace(args, out=f"runs/pixelcnn-{args.arch}-{args.dataset}")

@@ -16,7 +16,8 @@ import common
 import pixelcnn
 from helpers import data_dir, needs_mnist, run_script
 
-ARCHS = ("pixelcnn", "rowlstm", "diagbilstm")
+ARCHS = ("pixelcnn", "rowlstm", "diagbilstm", "wavenet")
+GRID_ARCHS = ARCHS[:3]  # the 2D networks; the 1D causal one has its own receptive-field test
 
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
@@ -26,7 +27,7 @@ def make(arch: str, colors: int = 1, levels: int = 2, layers: int = 2, hidden: i
          seed: int = 0, scale: float = 0.5) -> pixelcnn.PixelModel:
     """A float64 model with every parameter random (biases too), so no dependence vanishes by accident."""
     torch.manual_seed(seed)
-    model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], colors, levels, layers, hidden, out_hidden).double()
+    model = pixelcnn.build_network(arch, colors, levels, layers, hidden, out_hidden).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * scale)
@@ -116,7 +117,7 @@ def expected_receptive_field(arch: str, layers: int, p: tuple[int, int], rows: i
     return dilate(s, MASK_A_7x7)  # the first layer: mask A, the pixel itself excluded
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", GRID_ARCHS)
 def test_receptive_fields_match_the_architecture(arch):
     rows, width, layers = 6, 11, 2
     jac = input_jacobian(make(arch, layers=layers), (1, rows, width))[0, :, :, 0]  # (H, W, H, W)
@@ -237,6 +238,33 @@ def test_skew_moves_row_r_right_by_r_and_unskew_inverts_it():
     assert torch.equal(pixelcnn.unskew(s, 4), x)
 
 
+@pytest.mark.parametrize("layers, colors", [(3, 1), (4, 3), (12, 1)])
+def test_causal_1d_receptive_field_is_the_one_its_dilations_give(layers, colors):
+    """Output k (raster order of the sub-pixels) depends on exactly the inputs k - R .. k - 1, R = 2 + sum of
+    the dilations (1, 2, 4, ..., cycling after 512), clipped at the image's start; on none at or after k."""
+    shape = (colors, 5, 6) if layers < 12 else (1, 40, 60)  # 12 layers: dilations up to 512 and back to 1
+    model = make("wavenet", colors, 3, layers=layers)
+    receptive = 2 + sum(2 ** (i % 10) for i in range(layers))
+    assert model.receptive_field == receptive
+    n = math.prod(shape)
+    order = raster_order(shape).flatten()
+    if n > 200:  # a few outputs by backprop instead of the full Jacobian
+        torch.manual_seed(1)
+        x = torch.rand(2, *shape, requires_grad=True)
+        logits = model(x).permute(0, 3, 4, 1, 2).reshape(2, n, -1)  # (B, n, K), raster order
+        for k in (0, 1, 600, 1100, 1100 + receptive, n - 1):
+            (grad,) = torch.autograd.grad(logits[:, k].sum(), x, retain_graph=True)
+            seen = grad.abs().sum(0).permute(1, 2, 0).flatten() > 0  # (n,), raster order
+            positions = torch.arange(n)
+            assert torch.equal(seen, (positions < k) & (positions >= k - receptive)), k
+        return
+    jac = input_jacobian(model, shape).flatten(0, 2).flatten(1)  # (out, in), indexed (c, i, j)
+    for out in range(n):
+        k = order[out]
+        seen = jac[out] > 0
+        assert torch.equal(seen, (order < k) & (order >= k - receptive)), out
+
+
 def test_parameter_counts_and_output_shape():
     """The paper's MNIST sizes (7 layers, h = 16), each layer's parameters counted by hand."""
     h, out = 16, 32
@@ -264,7 +292,7 @@ def test_help_lists_the_options_with_defaults(capsys):
         common.parse_args(pixelcnn.Args, ["--help"], presets={"quick": pixelcnn.QUICK})
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--arch {pixelcnn,rowlstm,diagbilstm}" in text and "(default: pixelcnn)" in text
+    assert "--arch {pixelcnn,rowlstm,diagbilstm,wavenet}" in text and "(default: pixelcnn)" in text
     assert "--layers LAYERS" in text and "--samples SAMPLES" in text
 
 
@@ -333,7 +361,7 @@ def test_lstm_pixel_by_pixel_equals_the_parallel_forward(arch, colors, levels):
 def test_sample_follows_the_model_dtype_and_reports_each_row(arch):
     # built in float32, then .double(), as a user would (fixture restores)
     torch.set_default_dtype(torch.float32)
-    model = pixelcnn.PixelModel(pixelcnn.ARCHS[arch], 3, 4, 1, 4, 8).double()
+    model = pixelcnn.build_network(arch, 3, 4, 1, 4, 8).double()
     rows = []
     x = pixelcnn.sample(model, 2, (3, 3, 4), progress=lambda steps: rows.extend(steps) or steps)
     assert x.dtype == torch.float64 and x.shape == (2, 3, 3, 4) and rows == [0, 1, 2]
