@@ -142,6 +142,9 @@ ROWS: tuple[Row, ...] = (
         "--arch diagbilstm --steps 2800 --eval-n 1000", "exact, first 1000 test images",
         "2800 steps of 32 (1.5 epochs; ~30 min at the bench's 53 img/s, one thread)",
         "79.20 (static binarization; Table 4, 7 layers, h = 16)", seeds=(0,)),
+    Row("wavenet-bmnist", "binarized_mnist", "causal dilated 1D CNN over the raster order (10 layers)",
+        "pixelcnn.py", "--arch wavenet --steps 2500 --eval-n 1000", "exact, first 1000 test images",
+        "2500 steps of 32 (1.3 epochs)", seeds=(0,)),
     # -- 8-bit MNIST, bits/dim ---------------------------------------------------------------------------
     Row("vae-mnist", "mnist", "VAE, discretized logistic decoder", "vae.py", "--dataset mnist --eval-n 2000",
         "IWAE k = 1000, first 2000 test images", "10 epochs", seeds=(0, 1)),
