@@ -30,7 +30,10 @@ Algorithm 1), pc (reverse-diffusion predictor + Langevin corrector, Song et al. 
 (Euler-Maruyama predictor alone), ode (the probability-flow ODE, torchdiffeq dopri5). Likelihood: the
 probability-flow ODE with the instantaneous change of variables, the divergence exact (2D) or by Hutchinson's
 estimator (images); nats and KL(data || model) = NLL - H(data) for toys, bits/dim of uniformly dequantized
-data for images, with the number of function evaluations (nfe).
+data for images, with the number of function evaluations (nfe). Latents (Song et al. 2021, Sec. 4.3): the
+same ODE solved forward is an invertible encoder x -> x(T); image runs end with interp.png, pairs of test
+images encoded, their codes interpolated spherically and decoded (--interp-frames; ode_encode, slerp,
+interpolate).
 
 Deviations from the papers:
 - The noise level enters the networks as t in [0, 1] (for NCSN and VE, log sigma is affine in t), through
@@ -96,6 +99,8 @@ class Args:
                                                                              # (auto: exact to 64 dims)
     rtol: float = 1e-5  # ODE solver relative tolerance (paper: 1e-5); > 0
     atol: float = 1e-5  # ODE solver absolute tolerance (paper: 1e-5); > 0
+    interp_frames: int = 8  # images: interp.png, 4 pairs of test images with this many codes between
+                            # and including theirs, by the probability-flow ODE (0: none; not 1); >= 0
     grid_bins: int = 100  # toys: the density heatmap's grid is grid_bins x grid_bins over [-4, 4]^2; >= 2
     hidden: int = 256  # hidden units of the toy MLP; >= 1
     channels: int = 0  # U-Net base channels (0: 128 for 32x32, 64 for 28x28); >= 0
@@ -142,6 +147,7 @@ TOY_BATCH, IMAGE_BATCH = 5000, 100  # test examples per ODE solve
 # density heatmap: grid (pictures: --grid-bins) on [-4, 4]^2, tolerance
 GRID_BINS, GRID_LIM, GRID_TOL = 100, 4.0, 1e-3
 TOY_SAMPLES = 2000  # samples in a toy picture
+INTERP_PAIRS = 4  # pairs of test images in interp.png
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -676,6 +682,57 @@ def ode_sample(sde: SDE, score_fn: Callable, z: torch.Tensor, eps: float = 1e-3,
             nfe[0])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Latents by the probability-flow ODE: an invertible encoder x(eps) -> x(T), and interpolation between codes
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ode_encode(sde: SDE, score_fn: Callable, x: torch.Tensor, eps: float = 1e-3, rtol: float = 1e-5,
+               atol: float = 1e-5) -> tuple[torch.Tensor, int]:
+    """The latent code z = x(T) of data x = x(eps): the probability-flow ODE solved forward in time.
+
+    Song et al. 2021, Sec. 4.3 ("manipulating latent representations"): the ODE is deterministic and
+    invertible, so x -> x(T) is an encoder and ode_sample (from T down to eps) its decoder;
+    ode_sample(ode_encode(x)) = x up to the solver's tolerance. Returns z and the function evaluations."""
+    nfe = [0]
+
+    def func(t, y):
+        nfe[0] += 1
+        return probability_flow_drift(sde, score_fn, y, t.expand(y.shape[0]))
+
+    times = torch.tensor([eps, sde.T], device=x.device, dtype=x.dtype)
+    return (odeint(func, x, times, rtol=rtol, atol=atol, method="dopri5", options={"step_t": times})[-1],
+            nfe[0])
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between codes z0, z1 (B, ...) at the fractions alpha (F,): (F, B, ...).
+
+    Shoemake 1985, as used for the latents of Song et al. 2021 (Fig. 4):
+    slerp(z0, z1; a) = sin((1 - a) omega) / sin(omega) z0 + sin(a omega) / sin(omega) z1,
+    cos(omega) = <z0, z1> / (|z0| |z1|). Gaussian codes in many dimensions concentrate on a sphere of radius
+    sqrt(D); the straight line between two of them passes well inside it, where the prior puts no mass."""
+    a0, a1 = z0.flatten(1), z1.flatten(1)
+    cos = (a0 * a1).sum(1) / (a0.norm(dim=1) * a1.norm(dim=1))
+    omega = cos.clamp(-1, 1).acos()[None, :]  # (1, B)
+    a = alpha.to(z0)[:, None]  # (F, 1)
+    w0 = torch.sin((1 - a) * omega) / torch.sin(omega)
+    w1 = torch.sin(a * omega) / torch.sin(omega)
+    # parallel codes (omega = 0): the sines vanish; the line is the limit
+    w0, w1 = torch.where(omega > 1e-6, w0, 1 - a), torch.where(omega > 1e-6, w1, a)
+    return (w0[:, :, None] * a0 + w1[:, :, None] * a1).view(len(alpha), *z0.shape)
+
+
+@torch.no_grad()
+def interpolate(sde: SDE, score_fn: Callable, x0: torch.Tensor, x1: torch.Tensor, frames: int,
+                eps: float = 1e-3, rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
+    """Encode x0 and x1 (B, ...) by the ODE, slerp their codes at `frames` evenly spaced fractions from 0 to
+    1, and decode each: (B, frames, ...). The first and last frames are the reconstructions of x0 and x1."""
+    z = ode_encode(sde, score_fn, torch.cat([x0, x1]), eps, rtol, atol)[0]
+    z_path = slerp(*z.chunk(2), torch.linspace(0, 1, frames))  # (F, B, ...)
+    x = ode_sample(sde, score_fn, z_path.flatten(0, 1), eps, rtol, atol)[0]
+    return x.view(frames, *x0.shape).transpose(0, 1)
+
+
 @torch.no_grad()
 def sample(model: ScoreModel, n: int, shape: tuple[int, ...], args: Args, sde_name: str,
            progress: Callable = iter) -> torch.Tensor:
@@ -782,6 +839,23 @@ def draw_pictures(model: ScoreModel, data: common.Data, run: common.Run, args: A
         common.save_grid(run.path(name), x, nrow=8)
 
 
+@torch.no_grad()
+def draw_interpolation(model: ScoreModel, data: common.Data, run: common.Run, args: Args,
+                       center: bool) -> None:
+    """interp.png: test images 2i and 2i + 1 (i < INTERP_PAIRS) in the first and last columns, and between
+    them the decoded slerp of their probability-flow codes, --interp-frames columns (its ends are the
+    reconstructions)."""
+    eps = SAMPLE_EPS["ve" if model.method == "ncsn" else args.sde]
+    with common.eval_mode(model, seed=args.seed):
+        x = to_model(data.test_x[: 2 * INTERP_PAIRS], data.kind, center)
+        path = interpolate(model.sde, model.score, x[0::2], x[1::2], args.interp_frames, eps, args.rtol,
+                           args.atol)
+    grid = torch.cat([x[0::2, None], path, x[1::2, None]], dim=1).flatten(0, 1)
+    common.save_grid(run.path("interp.png"), to_data(grid, data.kind, center), nrow=args.interp_frames + 2)
+    pairs = ", ".join(f"{2 * i} to {2 * i + 1}" for i in range(INTERP_PAIRS))
+    run.print(f"interpolation by the probability-flow ODE: {run.path('interp.png')} (test images {pairs})")
+
+
 def evaluate_and_draw(run: common.Run, model: ScoreModel, data: common.Data, args: Args, step: int, n: int,
                       center: bool) -> dict:
     """Likelihood on the first n test examples and pictures, from the EMA weights (rank 0); one log line."""
@@ -852,6 +926,8 @@ def check_args(data: common.Data, args: Args) -> None:
             f"for more than {EXACT_TRACE_MAX_DIMS} dimensions")
     if args.sampler == "ald" and args.method != "ncsn":
         raise common.RunError("--sampler ald anneals over NCSN's sigmas: use it with --method ncsn")
+    if args.interp_frames == 1:
+        raise common.RunError("--interp-frames 1 has no frames between the two codes: use 0 (none) or >= 2")
 
 
 def train(args: Args) -> dict:
@@ -867,8 +943,8 @@ def train(args: Args) -> dict:
     ema = EMA(model, args.ema_decay)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "ncsn_sde", dist, model, optimizer, ema=ema,
-                     resumable=("grid_bins", "sampler", "sample_steps", "snr", "corrector_steps", "ald_eps",
-                                "ald_steps", "divergence", "rtol", "atol"))
+                     resumable=("grid_bins", "interp_frames", "sampler", "sample_steps", "snr",
+                                "corrector_steps", "ald_eps", "ald_steps", "divergence", "rtol", "atol"))
     start = run.restore()
     ddp = common.wrap_ddp(model, dist)
     batches = common.Batches(data.train_x, None, args.batch_size, args.seed, dist)
@@ -902,6 +978,8 @@ def train(args: Args) -> dict:
             f"ddp: largest parameter difference between ranks {common.replicas_max_diff(model, dist):.3g}")
     if not dist.is_main:
         return {}
+    if data.kind != "toy" and args.interp_frames:
+        draw_interpolation(ema.model, data, run, args, center)
     return evaluate_and_draw(run, ema.model, data, args, total, args.eval_n, center)
 
 

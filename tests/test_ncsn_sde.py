@@ -487,3 +487,82 @@ def test_build_model_embeds_999_t_in_the_unet_and_30_t_in_the_toy_mlp():
         net.time.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
         net(x, t)
         assert net.time_scale == scale and torch.equal(seen[0], embedding(t, dim, scale))
+
+
+# ------------------------------------------------------------------------- latents by the probability flow
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_ode_encoder_is_the_closed_form_gaussian_transport_and_decoding_inverts_it(name):
+    # data N(0, C): p_t = N(0, mu_t^2 C + sigma_t^2 I) and the probability flow is the linear map
+    # x(t) = A_t A_eps^-1 x(eps) with A_t = cov_t^(1/2) (it carries the Gaussian p_eps onto p_t and is the
+    # gradient of a convex potential, the flow of the score), so the encoder has a closed form
+    sde = SDES[name]()
+    zero = torch.zeros(2)
+    score = GaussianScore(sde, zero)
+    eps = ncsn_sde.SAMPLE_EPS[name]
+    torch.manual_seed(13)
+    x = torch.randn(30, 2) @ torch.linalg.cholesky(C).T
+    z, nfe = ncsn_sde.ode_encode(sde, score, x, eps, 1e-7, 1e-7)
+
+    def sqrtm(t):
+        vals, vecs = torch.linalg.eigh(score.moments(torch.tensor([t]))[1][0])
+        return vecs @ torch.diag(vals.sqrt()) @ vecs.T
+
+    expected = x @ (sqrtm(sde.T) @ torch.linalg.inv(sqrtm(eps))).T
+    scale = expected.abs().max()
+    assert (z - expected).abs().max() < 1e-4 * scale and nfe > 10, (z - expected).abs().max()
+    # decode(encode(x)) returns x within the solver tolerance
+    x_back, _ = ncsn_sde.ode_sample(sde, score, z, eps, 1e-7, 1e-7)
+    assert (x_back - x).abs().max() < 1e-4, (x_back - x).abs().max()
+
+
+def test_ode_round_trip_of_a_learned_nonlinear_score_returns_the_input():
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).double()
+    sde = SDES["vp"]()
+    score = lambda x, t: net(torch.cat([x, t[:, None]], 1)) / sde.marginal_std(t)[:, None]  # noqa: E731
+    x = torch.randn(16, 2)
+    z, _ = ncsn_sde.ode_encode(sde, score, x, 1e-3, 1e-8, 1e-8)
+    assert (z - x).abs().max() > 0.1  # the code is not the input
+    x_back, _ = ncsn_sde.ode_sample(sde, score, z, 1e-3, 1e-8, 1e-8)
+    # (the score grows like 1 / sigma_t near eps = 1e-3, sigma about 0.01: a stiff end of the path)
+    assert (x_back - x).abs().max() < 1e-4, (x_back - x).abs().max()
+
+
+def test_slerp_keeps_the_endpoints_the_norm_and_moves_at_constant_angle():
+    torch.manual_seed(15)
+    z0, z1 = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    z1 = z1 * (z0.flatten(1).norm(dim=1) / z1.flatten(1).norm(dim=1))[:, None, None]  # equal norms
+    alpha = torch.linspace(0, 1, 7)
+    path = ncsn_sde.slerp(z0, z1, alpha)
+    assert path.shape == (7, 5, 3, 4)
+    assert torch.allclose(path[0], z0) and torch.allclose(path[-1], z1)
+    norms = path.flatten(2).norm(dim=2)
+    assert torch.allclose(norms, z0.flatten(1).norm(dim=1).expand(7, 5))
+
+    def angle(a, b):
+        a, b = a.flatten(1), b.flatten(1)
+        return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1).acos()
+
+    omega = angle(z0, z1)
+    for i, a in enumerate(alpha):
+        assert torch.allclose(angle(z0, path[i]), a * omega, atol=1e-6)
+        assert torch.allclose(angle(path[i], z1), (1 - a) * omega, atol=1e-6)
+    # the straight line would leave the sphere: slerp's midpoint norm is larger than the chord's
+    assert (norms[3] > ((z0 + z1) / 2).flatten(1).norm(dim=1)).all()
+    # parallel codes: the limit, the straight line
+    assert torch.allclose(ncsn_sde.slerp(z0, 2 * z0, alpha)[3], 1.5 * z0)
+
+
+def test_interpolate_ends_in_the_reconstructions_of_both_images():
+    sde = SDES["vp"]()
+    score = GaussianScore(sde, torch.zeros(2))
+    torch.manual_seed(16)
+    x0, x1 = torch.randn(3, 2), torch.randn(3, 2)
+    path = ncsn_sde.interpolate(sde, score, x0, x1, 5, 1e-3, 1e-7, 1e-7)
+    assert path.shape == (3, 5, 2)
+    assert torch.allclose(path[:, 0], x0, atol=1e-4) and torch.allclose(path[:, -1], x1, atol=1e-4)
+    # the middle frame decodes the slerp of the two codes
+    z = ncsn_sde.ode_encode(sde, score, torch.cat([x0, x1]), 1e-3, 1e-7, 1e-7)[0]
+    mid = ncsn_sde.ode_sample(sde, score, ncsn_sde.slerp(z[:3], z[3:], torch.tensor([0.5]))[0], 1e-3,
+                              1e-7, 1e-7)[0]
+    assert torch.allclose(path[:, 2], mid, atol=1e-4)

@@ -78,8 +78,9 @@ def test_quick_mnist_runs_end_to_end_in_bits_per_dim(tmp_path):
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("eval test nll_bpd=") and "rademacher divergence" in last
-    for name in ("samples.png", "checkpoint.pt", "metrics.jsonl"):
+    for name in ("samples.png", "interp.png", "checkpoint.pt", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0
+    assert "interpolation by the probability-flow ODE" in result.stdout
 
 
 def test_resume_is_exact_including_the_ema(tmp_path):
@@ -104,3 +105,6 @@ def test_unsupported_requests_give_one_line_errors(tmp_path):
                                            out=str(tmp_path / "a")))
     result = run_ncsn_sde("--dataset", "binarized_mnist", "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    with pytest.raises(common.RunError, match="--interp-frames 1"):
+        ncsn_sde.train(dataclasses.replace(ncsn_sde.Args(), interp_frames=1, device="cpu",
+                                           out=str(tmp_path / "c")))
