@@ -30,13 +30,15 @@ not exist (Sylvester). IAF is MAF with the two directions swapped: sampling is o
     python flows.py --task images --flow glow --dataset cifar10 --levels 3 --depth 32 --width 512 \
         --steps 200000
     python flows.py --task vae --flow sylvester --dataset binarized_mnist   # flow posteriors in a VAE
+    python flows.py --task vae --flow planar --prior realnvp      # and a flow prior p(z) (also --prior maf)
 
 Tasks: `density` fits a flow to a 2D toy set by maximum likelihood and reports the exact test NLL in nats
 and KL(data || model) = NLL - H(data); `energy` fits planar or radial flows to one of the four unnormalized
 densities exp(-U(z)) of Rezende & Mohamed (Table 1) by the reverse KL; `images` fits the multi-scale
 RealNVP or Glow to uniformly dequantized 8-bit images and reports bits/dim (bin width 1/256, the logit
 transform's log-det included); `vae` trains a VAE whose posterior q(z|x) is a Gaussian pushed through planar,
-radial, Sylvester or IAF layers, and reports the importance-sampled NLL in nats.
+radial, Sylvester or IAF layers, optionally under a RealNVP or MAF prior p(z) (--prior), and reports the
+importance-sampled NLL in nats.
 
 Deviations from the papers:
 - Adam everywhere (R&M used RMSprop at lr 1e-5 for 500k steps; RealNVP and Glow Adam with Polyak averaging).
@@ -90,6 +92,9 @@ class Args:
     sylvester: Literal["orthogonal", "householder", "triangular"] = "orthogonal"  # van den Berg et al.
                                                                                   # variant
     latent: int = 40  # vae: latent dimensions (Rezende & Mohamed: 40); >= 1
+    prior: Literal["normal", "realnvp", "maf"] = "normal"  # vae: p(z), N(0, I) or a flow over it (the
+                                                           # lecture's expressive prior)
+    prior_length: int = 4  # vae with a flow prior: its coupling or MADE layers; >= 1
     steps: int = 0  # optimizer steps (0: by task: 10000 toys, 20000 energy, 10 epochs images and vae); >= 0
     batch_size: int = 0  # minibatch per process (0: by task: 512 toys, 100 energy, 64 images, 128 vae); >= 0
     lr: float = 1e-3  # Adam learning rate; > 0
@@ -1010,11 +1015,16 @@ class FlowVAE(nn.Module):
     layers, log q_K(z_K|x) = log q_0(z_0|x) - sum_k log|det dz_k/dz_{k-1}| (Eq. 13). The encoder also outputs
     every flow parameter (planar u, w, b; radial z0, alpha, beta; Sylvester R, R~, b) for each x; Sylvester's
     Q is one learned matrix per layer; IAF layers (Kingma et al. 2016) condition on an encoder context h.
-    `forward` returns the training loss, the negative ELBO, so DDP sees one call."""
+    The prior p(z) is N(0, I), or with prior="realnvp" / "maf" a flow of `prior_length` layers over it,
+    log p(z) = log N(f(z); 0, I) + log|det df/dz|, learned with the rest (the KL term, always a one-sample
+    Monte Carlo estimate here, is logged as kl_mc). `forward` returns the training loss, the negative ELBO,
+    so DDP sees one call."""
 
     def __init__(self, num_dims: int, latent: int, hidden: int, kind: str, length: int,
-                 sylvester: str = "orthogonal"):
+                 sylvester: str = "orthogonal", prior: str = "normal", prior_length: int = 4):
         super().__init__()
+        # the flow prior: toy_flow's layers over R^latent, each starting as the identity (p(z) = N(0, I))
+        self.prior = None if prior == "normal" else toy_flow(prior, latent, prior_length, hidden)
         self.kind, self.latent, self.length = kind, latent, length if kind != "none" else 0
         d, self.per_layer = latent, 0
         self.encoder = nn.Sequential(mlp([num_dims, hidden, hidden]), nn.ReLU())
@@ -1071,19 +1081,33 @@ class FlowVAE(nn.Module):
         # r_ii r~_ii starts near tanh(1)^2 rather than 0, as an identity-like start would leave h' unused
         return sylvester_apply(z, q_layer()[None], r, r_tilde, r_diag + 1, r_tilde_diag + 1, b)
 
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) for z (..., d): (...)."""
+        if self.prior is None:
+            return -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)  # log N(z; 0, I)
+        # change of variables through the prior flow (forward: z -> its base)
+        return self.prior.log_prob(z.reshape(-1, self.latent)).view(z.shape[:-1])
+
+    def sample_prior(self, n: int) -> torch.Tensor:
+        """z ~ p(z): (n, d)."""
+        p = next(self.parameters())
+        if self.prior is None:
+            return torch.randn(n, self.latent, device=p.device, dtype=p.dtype)
+        return self.prior.sample_with_log_prob(n)[0]
+
     def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(x|z) (Bernoulli) and log p(z) (standard normal) for z (k, B, d): each (k, B)."""
+        """log p(x|z) (Bernoulli) and log p(z) for z (k, B, d): each (k, B)."""
         logits = self.decoder(z)
         log_px_z = (x.flatten(1) * logits - F.softplus(logits)).sum(-1)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
-        return log_px_z, log_pz
+        return log_px_z, self.prior_log_prob(z)
 
     def forward(self, x: torch.Tensor):
         z, log_q = self.posterior(x)
         log_px_z, log_pz = self.log_joint(x, z)
         # Rezende & Mohamed 2015, Eq. 15: -ELBO = E_q0[log q_K(z_K) - log p(x, z_K)]
         nelbo = (log_q - log_pz - log_px_z).mean()
-        return nelbo, {"loss": nelbo, "rec": -log_px_z.mean(), "kl": (log_q - log_pz).mean()}
+        # the KL term log q_K(z_K|x) - log p(z_K) at the one sample: a Monte Carlo estimate
+        return nelbo, {"loss": nelbo, "rec": -log_px_z.mean(), "kl_mc": (log_q - log_pz).mean()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1137,9 +1161,8 @@ def sample(model: Flow, n: int, temperature: float = 1.0) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_vae(model: FlowVAE, n: int) -> torch.Tensor:
-    p = next(model.parameters())
-    z = torch.randn(n, model.latent, device=p.device, dtype=p.dtype)  # z ~ N(0, I), (n, latent)
-    return torch.sigmoid(model.decoder(z))
+    """The decoder's Bernoulli means at z ~ p(z): (n, num_dims)."""
+    return torch.sigmoid(model.decoder(model.sample_prior(n)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1275,6 +1298,8 @@ def check_task(args: Args) -> None:
             f"--task images needs 8-bit images (mnist, fashion_mnist, cifar10), not {args.dataset}")
     if args.task == "vae" and kind != "binary":
         raise common.RunError(f"--task vae needs binarized images, not {args.dataset}")
+    if args.task != "vae" and args.prior != "normal":
+        raise common.RunError(f"--prior {args.prior} is the VAE's p(z): use it with --task vae")
 
 
 def build(args: Args, data: common.Data | None) -> nn.Module:
@@ -1288,7 +1313,8 @@ def build(args: Args, data: common.Data | None) -> nn.Module:
         return energy_flow(args.flow, args.flow_length, args.sylvester)
     if args.task == "images":
         return image_flow(args.flow, data.shape, args.levels, args.depth, args.width)
-    return FlowVAE(data.num_dims, args.latent, args.hidden, args.flow, args.flow_length, args.sylvester)
+    return FlowVAE(data.num_dims, args.latent, args.hidden, args.flow, args.flow_length, args.sylvester,
+                   args.prior, args.prior_length)
 
 
 def train(args: Args) -> dict:

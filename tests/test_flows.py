@@ -3,6 +3,7 @@ constraints, MADE's triangular Jacobian, Glow's 1x1 conv log-det, couplings of o
 Russian-roulette estimator and its Neumann gradient against the exact values, amortized VAE posteriors,
 samplers in the model's dtype, and a trained 2D density's mass."""
 
+import dataclasses
 import math
 
 import pytest
@@ -442,3 +443,46 @@ def test_each_task_loss_is_its_negative_log_likelihood_or_free_energy():
     z, log_q = planar.sample_with_log_prob(256)
     assert torch.allclose(half, (log_q + 0.5 * flows.energy("u1", z)).mean())
     assert torch.allclose(metrics_half["free_energy"], metrics["free_energy"])
+
+
+@pytest.mark.parametrize("prior", ["realnvp", "maf"])
+def test_vae_flow_prior_is_its_change_of_variables_integrates_to_one_and_samples_from_itself(prior):
+    torch.manual_seed(0)
+    model = randomize(flows.FlowVAE(6, 2, 8, "planar", 2, prior=prior, prior_length=3))
+    torch.manual_seed(1)
+    z = torch.randn(4, 3, 2)
+    # log p(z) = log N(f(z); 0, I) + log|det df/dz|, the Jacobian by autograd
+    f = lambda v: model.prior(v[None])[0][0]  # noqa: E731
+    expected = torch.stack([torch.distributions.Normal(0.0, 1.0).log_prob(f(v)).sum()
+                            + torch.linalg.slogdet(jacobian(f, v))[1] for v in z.reshape(-1, 2)])
+    assert torch.allclose(model.prior_log_prob(z), expected.view(4, 3), atol=1e-8)
+    assert not torch.allclose(model.prior_log_prob(z), flows.log_normal(z.reshape(-1, 2)).view(4, 3))
+    # it enters log p(x, z)
+    x = torch.bernoulli(torch.full((3, 6), 0.5))
+    assert torch.allclose(model.log_joint(x, z)[1], expected.view(4, 3), atol=1e-8)
+    # a density: the midpoint rule over [-12, 12]^2
+    n, lim = 800, 12.0
+    grid = flows.grid_points(n, lim, dtype=torch.float64)
+    p = model.prior_log_prob(grid).exp().detach()
+    cell = (2 * lim / n) ** 2
+    assert abs(p.sum().item() * cell - 1) < 1e-3, p.sum().item() * cell
+    # sample_prior draws from it: the mass of each quadrant against the quadrature's
+    torch.manual_seed(2)
+    with torch.no_grad():
+        s = model.sample_prior(40_000)
+    for sx, sy in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+        mass = (p * ((sx * grid[:, 0] > 0) & (sy * grid[:, 1] > 0))).sum().item() * cell
+        freq = ((sx * s[:, 0] > 0) & (sy * s[:, 1] > 0)).double().mean().item()
+        assert abs(freq - mass) < 0.01, (sx, sy, freq, mass)  # 4 standard errors at most 0.01
+
+
+def test_vae_with_a_flow_prior_trains_and_reports_the_kl_as_monte_carlo():
+    model = flows.FlowVAE(6, 2, 8, "none", 0, prior="realnvp", prior_length=2)
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    loss, metrics = model(x)
+    assert set(metrics) == {"loss", "rec", "kl_mc"} and torch.isfinite(loss)
+    loss.backward()
+    # the prior is learned with the rest (its zero-initialized last layers get a gradient first)
+    assert sum(p.grad.abs().sum() for p in model.prior.parameters() if p.grad is not None) > 0
+    with pytest.raises(common.RunError, match="--task vae"):
+        flows.check_task(dataclasses.replace(flows.Args(), dataset="8gaussians", prior="maf"))

@@ -101,14 +101,17 @@ def test_resume_is_exact(tmp_path):
 
 CASES = [("density", f, "8gaussians") for f in flows.TOY_FLOWS] + \
         [("energy", f, "") for f in flows.ENERGY_FLOWS] + \
-        [("images", "realnvp", "mnist")] + [("vae", f, "binarized_mnist") for f in flows.VAE_FLOWS]
+        [("images", "realnvp", "mnist")] + [("vae", f, "binarized_mnist") for f in flows.VAE_FLOWS] + \
+        [("vae", f"planar+{p}", "binarized_mnist") for p in ("realnvp", "maf")]  # flow priors
 
 
 @pytest.mark.parametrize("task, flow, dataset", CASES, ids=[f"{t}-{f}" for t, f, _ in CASES])
 def test_every_flow_of_every_task_trains_and_evaluates(tmp_path, task, flow, dataset):
     if dataset in ("mnist", "binarized_mnist") and data_dir() is None:
         pytest.skip("MNIST files not found")
-    args = flows.Args(task=task, flow=flow, dataset=dataset, steps=3, flow_length=2, hidden=8, depth=1,
+    flow, _, prior = flow.partition("+")
+    args = flows.Args(task=task, flow=flow, prior=prior or "normal", prior_length=2, dataset=dataset,
+                      steps=3, flow_length=2, hidden=8, depth=1,
                       width=4, batch_size=16, eval_n=40, eval_k=3, log_every=1, device="cpu", quick=True,
                       data_dir=data_dir() or "", out=str(tmp_path / "run"))
     metrics = flows.train(args)
