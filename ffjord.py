@@ -11,6 +11,8 @@ product per evaluation).
     python ffjord.py --quick                             # about a minute on a CPU: 8gaussians, its 8 modes
     python ffjord.py --dataset 8gaussians                # 10,000 steps of the 64-64-64 concat-squash MLP
     python ffjord.py --dataset checkerboard --kinetic 0.01 --jacobian 0.01    # RNODE regularizers
+    python ffjord.py --dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 \
+        --steps 200 --eval-every 50 --eval-n 200   # CPU recipe: 30 minutes on 2 cores
     python ffjord.py --dataset mnist --blocks 2 --warmup 1000 --epochs 1000 --adjoint
                                                          # the paper's MNIST setup
     torchrun --nproc_per_node=4 ffjord.py --dataset mnist --blocks 2 --warmup 1000 --adjoint --batch-size 50
