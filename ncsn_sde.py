@@ -101,6 +101,7 @@ class Args:
     atol: float = 1e-5  # ODE solver absolute tolerance (paper: 1e-5); > 0
     interp_frames: int = 8  # images: interp.png, 4 pairs of test images with this many codes between
                             # and including theirs, by the probability-flow ODE (0: none; not 1); >= 0
+    interp_tol: float = 1e-5  # rtol and atol of interp.png's encoding and decoding solves (paper: 1e-5); > 0
     grid_bins: int = 100  # toys: the density heatmap's grid is grid_bins x grid_bins over [-4, 4]^2; >= 2
     hidden: int = 256  # hidden units of the toy MLP; >= 1
     channels: int = 0  # U-Net base channels (0: 128 for 32x32, 64 for 28x28); >= 0
@@ -135,7 +136,7 @@ class Args:
 
 QUICK = dict(steps=300, hidden=64, grid_bins=40, channels=16, channel_mult=(1, 2), num_res_blocks=1,
              attn_res=(0,), lr=1e-3, warmup=50, ema_decay=0.99, sample_steps=100, rtol=1e-3, atol=1e-3,
-             eval_n=500, eval_every=300, log_every=50, ckpt_every=300)
+             interp_tol=1e-3, eval_n=500, eval_every=300, log_every=50, ckpt_every=300)
 QUICK_TOY = dict(steps=3000, batch_size=256, lr=1e-3, warmup=100, sample_steps=200, rtol=1e-3, atol=1e-3,
                  eval_n=2000, eval_every=3000, log_every=500, ckpt_every=3000)
 PRESETS = {"quick": common.toy_or_image(QUICK, QUICK_TOY, Args.dataset)}  # --quick: QUICK_TOY on a 2D toy
@@ -848,8 +849,8 @@ def draw_interpolation(model: ScoreModel, data: common.Data, run: common.Run, ar
     eps = SAMPLE_EPS["ve" if model.method == "ncsn" else args.sde]
     with common.eval_mode(model, seed=args.seed):
         x = to_model(data.test_x[: 2 * INTERP_PAIRS], data.kind, center)
-        path = interpolate(model.sde, model.score, x[0::2], x[1::2], args.interp_frames, eps, args.rtol,
-                           args.atol)
+        path = interpolate(model.sde, model.score, x[0::2], x[1::2], args.interp_frames, eps,
+                           args.interp_tol, args.interp_tol)
     grid = torch.cat([x[0::2, None], path, x[1::2, None]], dim=1).flatten(0, 1)
     common.save_grid(run.path("interp.png"), to_data(grid, data.kind, center), nrow=args.interp_frames + 2)
     pairs = ", ".join(f"{2 * i} to {2 * i + 1}" for i in range(INTERP_PAIRS))
@@ -943,7 +944,7 @@ def train(args: Args) -> dict:
     ema = EMA(model, args.ema_decay)
     optimizer = common.adam(model.parameters(), lr=args.lr)
     run = common.Run(args, "ncsn_sde", dist, model, optimizer, ema=ema,
-                     resumable=("grid_bins", "interp_frames", "sampler", "sample_steps", "snr",
+                     resumable=("grid_bins", "interp_frames", "interp_tol", "sampler", "sample_steps", "snr",
                                 "corrector_steps", "ald_eps", "ald_steps", "divergence", "rtol", "atol"))
     start = run.restore()
     ddp = common.wrap_ddp(model, dist)
