@@ -171,7 +171,7 @@ ROWS: tuple[Row, ...] = (
         "--dataset mnist --hidden 32 32 --blocks 1 --batch-size 32 --rtol 1e-3 --atol 1e-3 --steps 200 "
         "--eval-every 50 --eval-n 200",
         "ODE (dopri5, tol 1e-3), Hutchinson, first 200 test images",
-        "200 steps of 32 (~30 min at the measured 4.5 img/s, one thread, load 3)",
+        "200 steps of 32 (~24 min at the 4.5 img/s of a timing run under load 3)",
         "0.99 (Grathwohl et al. 2019, Table 2)", seeds=(0,)),
     Row("ddpm-mnist", "mnist", "DDPM, small U-Net (32 channels, (1, 2), no attention: the CPU recipe)",
         "ddpm.py",

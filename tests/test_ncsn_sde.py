@@ -515,7 +515,7 @@ def test_ode_encoder_is_the_closed_form_gaussian_transport_and_decoding_inverts_
     assert (x_back - x).abs().max() < 1e-4, (x_back - x).abs().max()
 
 
-def test_ode_round_trip_of_a_learned_nonlinear_score_returns_the_input():
+def test_ode_round_trip_of_a_random_nonlinear_score_returns_the_input():
     torch.manual_seed(14)
     net = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).double()
     sde = SDES["vp"]()
