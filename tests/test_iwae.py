@@ -1,6 +1,7 @@
 """iwae.py: the IWAE bound against a linear-Gaussian model with closed-form log p(x), its gradient against
 per-sample autograd, DReG against the standard estimator, the paper's schedule, and end-to-end runs."""
 
+import json
 import math
 
 import pytest
@@ -169,6 +170,34 @@ def test_paper_schedule_runs_3_to_the_i_epochs_at_each_learning_rate():
         assert rates.count(pytest.approx(1e-3 * 10 ** (-i / 7))) == 3**i
     assert rates == sorted(rates, reverse=True)
     assert iwae.paper_lr(10**6) == pytest.approx(1e-4)
+
+
+def test_every_schedule_gives_the_learning_rate_it_names():
+    steps_per_epoch, total = 10, 200
+    lr = lambda schedule, step: iwae.learning_rate(iwae.Args(schedule=schedule, lr=3e-3), step,  # noqa: E731
+                                                   total, steps_per_epoch)
+    assert [lr("constant", step) for step in (0, 77, total - 1)] == [3e-3] * 3
+    assert [lr("paper", step) for step in (0, 15, 45, 135)] == [iwae.paper_lr(e) for e in (0, 1, 4, 13)]
+    cosine = [lr("cosine", step) for step in range(total)]
+    assert cosine[0] == pytest.approx(3e-3) and cosine[total // 2] == pytest.approx(1.5e-3)
+    assert cosine[total // 4] == pytest.approx(3e-3 * (1 + math.sqrt(0.5)) / 2)
+    assert 0 < cosine[-1] < 1e-6 and all(a > b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_periodic_evaluations_report_the_importance_sampled_nll_when_asked(tmp_path):
+    torch.set_default_dtype(torch.float32)  # as trained; the fixture restores the default afterwards
+    for every_k in (0, 7):
+        args = iwae.Args(dataset="8gaussians", schedule="cosine", steps=30, batch_size=50, eval_every=10,
+                         eval_every_k=every_k, eval_k=20, eval_n=100, log_every=10, ckpt_every=100,
+                         device="cpu", out=str(tmp_path / f"run{every_k}"))
+        final = iwae.train(args)
+        lines = [json.loads(line) for line in (tmp_path / f"run{every_k}" / "metrics.jsonl").open()]
+        tests = [line for line in lines if line["split"] == "test"]
+        assert [line["step"] for line in tests] == [10, 20, 30]
+        assert [("nll_nats" in line) for line in tests[:2]] == [bool(every_k)] * 2
+        assert tests[-1]["nll_nats"] == pytest.approx(final["nll_nats"])
+        for line in tests[:2] if every_k else ():
+            assert line["nll_nats"] <= line["nelbo_nats"] + 1e-6
 
 
 def test_the_papers_architectures_have_the_right_sizes():
