@@ -62,6 +62,7 @@ PER_FILE = {
     "ResidualBlock": "a coupling network's block in flows.py, a gated masked block in pixelcnn.py",
     "importance_weighted_log_px": "each model's own importance sampler (latent layout and decoder differ)",
     "log_weights": "log p(x, z) - log q(z | x) of each model's own latents (nvae.py, savae.py)",
+    "learning_rate": "each schedule: iwae.py the paper's, cosine or constant; nvae.py cosine to lr_min",
 }
 
 
