@@ -40,7 +40,10 @@ Deviations from the paper:
 Expected result, after 600 steps of 50 (half an epoch) with --hidden 256 on 2 CPU cores: test NLL (k = 100,
 first 1000 test images) 116.3 nats for SA-VAE, 123.5 for the VAE and 139.0 for SVI, with KL 32.9, 24.6 and 6.6
 nats; 20 SVI steps raise the VAE's test ELBO by 3.3 nats (the part of its amortization gap they close). The
-VAE's KL had not collapsed this early; README.md has the commands and wall times.
+VAE's KL had not collapsed this early; README.md has the commands and wall times. The CPU recipe (5 epochs,
+12 minutes on one thread; row savae-bmnist): test NLL 93.33 nats, refined ELBO 97.47 against 112.65 for the
+unrefined proposal, KL 31.8, all 32 latents active; its prior samples are digit shapes with a speckle of
+single pixels, each pixel a Bernoulli draw of the MADE decoder.
 """
 
 import contextlib
