@@ -55,8 +55,8 @@ and reruns its network once per sub-pixel on the 4 + layers rows its receptive f
 Expected result: README.md's rows pixelcnn-bmnist, rowlstm-bmnist, diagbilstm-bmnist and pixelcnn-mnist have
 the measured test NLL (30-minute CPU budgets) next to the paper's 81.30 (PixelCNN), 80.54 (Row LSTM) and 79.20
 (Diagonal BiLSTM, 7 layers, h = 16) nats on binarized MNIST. Trained long (row pixelcnn-long-bmnist,
-`--arch pixelcnn --epochs 36 --eval-n 1000`, 99 minutes on one thread) the PixelCNN flattens at about 88 nats
-(87.96 at the end, between 87.83 and 88.02 over its last eight epochs) at the constant learning rate.
+`--arch pixelcnn --epochs 36 --eval-n 1000`, 99 to 115 minutes on one thread) the PixelCNN flattens at about
+88 nats (87.96 at the end, between 87.83 and 88.02 over its last eight epochs) at the constant learning rate.
 """
 
 import dataclasses

@@ -637,7 +637,10 @@ def curve_of(record: dict) -> list[list[float]]:
 
 def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400) -> int:
     """One panel per image table (binarized MNIST in nats, 8-bit MNIST in bits/dim): the test figure of every
-    current row against the minutes its run had spent when it was measured, one line per row (first seed)."""
+    current row against the minutes its run had spent when it was measured, one line per row (first seed).
+    Minutes are on a log axis, so 2-minute and 2-hour runs both stay readable. A figure above the median final
+    figure by more than 4 times the median's distance to the best final figure is drawn on the top edge, its
+    value listed under the legend, so one outlier (WAE's NLL) does not flatten every other line."""
     from PIL import Image, ImageDraw
 
     panels = []
@@ -653,28 +656,39 @@ def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400)
     left, right, top, bottom = 60, 150, 30, 40  # margins: axis labels, legend
     for p, (table, lines) in enumerate(panels):
         x0 = p * width
-        t_max = max(point[0] for _, c in lines for point in c) / 60
+        minutes = [max(point[0], 1.0) / 60 for _, c in lines for point in c]
+        t_lo, t_hi = math.log10(min(minutes)), math.log10(max(minutes))
+        t_hi = t_lo + 1e-9 if t_hi <= t_lo else t_hi
         values = [point[2] for _, c in lines for point in c]
-        lo, hi = min(values), max(values)
+        finals = sorted(c[-1][2] for _, c in lines)
+        median = finals[len(finals) // 2]
+        lo = min(values)
+        hi = min(max(values), median + 4 * (median - finals[0]) + 1e-9)
         hi = lo + 1e-9 if hi <= lo else hi
         pad = 0.05 * (hi - lo)
         lo, hi = lo - pad, hi + pad
 
-        def xy(minutes, value):
-            return (x0 + left + minutes / t_max * (width - left - right),
-                    top + (hi - value) / (hi - lo) * (height - top - bottom))
+        def xy(minute, value):
+            u = (math.log10(max(minute, 1 / 60)) - t_lo) / (t_hi - t_lo)
+            return (x0 + left + u * (width - left - right),
+                    top + (hi - min(value, hi)) / (hi - lo) * (height - top - bottom))
 
         draw.rectangle([x0 + left, top, x0 + width - right, height - bottom], outline="black")
+        for tick in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000):
+            if t_lo - 1e-9 <= math.log10(tick) <= t_hi + 1e-9:
+                x, _ = xy(tick, lo)
+                draw.line([(x, height - bottom), (x, height - bottom + 3)], fill="black")
+                draw.text((x - 6, height - bottom + 4), f"{tick:g}", fill="black")
         for k in range(5):
-            minutes, value = t_max * k / 4, lo + (hi - lo) * k / 4
-            x, _ = xy(minutes, lo)
-            _, y = xy(0, value)
-            draw.text((x - 8, height - bottom + 4), f"{minutes:.0f}", fill="black")
+            value = lo + (hi - lo) * k / 4
+            _, y = xy(1, value)
             draw.text((x0 + 6, y - 6), f"{value:.2f}" if hi - lo < 10 else f"{value:.0f}", fill="black")
         unit = "nats" if table == "binarized_mnist" else "bits/dim"
         name = "binarized MNIST" if table == "binarized_mnist" else "8-bit MNIST"
         draw.text((x0 + left, 8), f"{name}: test NLL ({unit}) against training minutes", fill="black")
-        draw.text((x0 + (width - right) // 2, height - 16), "minutes (one CPU thread)", fill="black")
+        draw.text((x0 + (width - right) // 2 - 40, height - 16), "minutes (one CPU thread, log scale)",
+                  fill="black")
+        off_scale = []
         for i, (row, curve) in enumerate(lines):
             colour = COLOURS[i % len(COLOURS)]
             points = [xy(t / 60, v) for t, _, v in curve]
@@ -682,10 +696,13 @@ def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400)
                 draw.line(points, fill=colour, width=2)
             for x, y in points:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            off_scale += [f"{row.id} {v:.4g}" for _, _, v in curve if v > hi]
             ly = top + 14 * i
             draw.line([(x0 + width - right + 8, ly + 6), (x0 + width - right + 24, ly + 6)],
                       fill=colour, width=2)
             draw.text((x0 + width - right + 28, ly), row.id, fill="black")
+        for j, text in enumerate(["off the top:", *off_scale] if off_scale else []):
+            draw.text((x0 + width - right + 8, top + 14 * (len(lines) + 1 + j)), text, fill="black")
     save_png(sheet, out)
     return sum(len(lines) for _, lines in panels)
 
