@@ -622,7 +622,7 @@ def samples_figure(records: dict, out: Path, tile: int = 196, columns: int = 6) 
 # Test NLL against training wall-clock
 # ----------------------------------------------------------------------------------------------------------
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#000000", "#aa0088"]
+           "#17becf", "#000000", "#aa0088", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
 
 
 def curve_of(record: dict) -> list[list[float]]:
@@ -635,12 +635,21 @@ def curve_of(record: dict) -> list[list[float]]:
     return curve or []
 
 
+def value_range(lines: list[tuple[Row, list]]) -> tuple[float, float]:
+    """The figures a curves panel spans, (lowest, highest drawn): every figure, except that the top stops at
+    the median final figure plus 4 times its distance to the best final figure, so that one outlier (WAE's
+    NLL) does not flatten every other line; figures above the top are drawn on its edge."""
+    values = [point[2] for _, c in lines for point in c]
+    finals = sorted(c[-1][2] for _, c in lines)
+    median = finals[len(finals) // 2]
+    return min(values), min(max(values), median + 4 * (median - finals[0]))
+
+
 def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400) -> int:
     """One panel per image table (binarized MNIST in nats, 8-bit MNIST in bits/dim): the test figure of every
     current row against the minutes its run had spent when it was measured, one line per row (first seed).
-    Minutes are on a log axis, so 2-minute and 2-hour runs both stay readable. A figure above the median final
-    figure by more than 4 times the median's distance to the best final figure is drawn on the top edge, its
-    value listed under the legend, so one outlier (WAE's NLL) does not flatten every other line."""
+    Minutes are on a log axis, so 2-minute and 2-hour runs both stay readable; figures above `value_range`'s
+    top are drawn on the top edge and listed under the legend."""
     from PIL import Image, ImageDraw
 
     panels = []
@@ -656,14 +665,10 @@ def curves_figure(records: dict, out: Path, width: int = 560, height: int = 400)
     left, right, top, bottom = 60, 150, 30, 40  # margins: axis labels, legend
     for p, (table, lines) in enumerate(panels):
         x0 = p * width
-        minutes = [max(point[0], 1.0) / 60 for _, c in lines for point in c]
-        t_lo, t_hi = math.log10(min(minutes)), math.log10(max(minutes))
+        seconds = [point[0] for _, c in lines for point in c]
+        t_lo, t_hi = (math.log10(max(t, 1.0) / 60) for t in (min(seconds), max(seconds)))  # from 1 s
         t_hi = t_lo + 1e-9 if t_hi <= t_lo else t_hi
-        values = [point[2] for _, c in lines for point in c]
-        finals = sorted(c[-1][2] for _, c in lines)
-        median = finals[len(finals) // 2]
-        lo = min(values)
-        hi = min(max(values), median + 4 * (median - finals[0]) + 1e-9)
+        lo, hi = value_range(lines)
         hi = lo + 1e-9 if hi <= lo else hi
         pad = 0.05 * (hi - lo)
         lo, hi = lo - pad, hi + pad

@@ -185,6 +185,15 @@ def test_curves_figure_draws_one_line_per_current_image_row(tmp_path, monkeypatc
         table.curves_figure({}, out)
 
 
+def test_the_curves_value_range_leaves_out_only_an_outlier():
+    row = table.BY_ID["vae-bmnist"]
+    curves = [[[60.0, 1, 95.0], [600.0, 2, 90.0]], [[60.0, 1, 88.0]], [[120.0, 1, 92.0]]]
+    assert table.value_range([(row, c) for c in curves]) == (88.0, 95.0)  # no outlier: every figure
+    # finals 88, 90, 92, 152: the top stops at the median final 92 plus 4 x (92 - 88)
+    outlier = [(row, c) for c in [*curves, [[60.0, 1, 152.0]]]]
+    assert table.value_range(outlier) == (88.0, 108.0)
+
+
 def test_test_curve_follows_the_clock_across_resumptions(tmp_path):
     write_run(tmp_path, [{"split": "train", "step": 10, "time": 5.0},
                          {"split": "test", "step": 10, "time": 8.0, "nll_nats": 3.0},
